@@ -1,0 +1,144 @@
+"""Where arrays live: the one module in minivgg that imports CuPy.
+
+Layer code never asks "am I on the GPU?". It asks an array which module made
+it (``xp = get_array_module(x)``) and calls ``xp.matmul``, ``xp.zeros`` ... so
+the same lines run on NumPy (CPU) and CuPy (GPU). This file chooses devices,
+moves arrays between them, and seeds both random number generators.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+try:  # CuPy is optional: `pip install minivgg[cuda12]` or `minivgg[cuda13]`.
+    import cupy  # type: ignore
+    _CUPY_IMPORT_ERROR: Exception | None = None
+except Exception as e:  # ImportError, or a CuPy build that cannot load CUDA
+    cupy = None
+    _CUPY_IMPORT_ERROR = e
+
+_INSTALL_HINT = ("install CuPy with the extra that matches your CUDA toolkit: "
+                 "pip install 'minivgg[cuda12]' (cupy-cuda12x) or "
+                 "pip install 'minivgg[cuda13]' (cupy-cuda13x)")
+
+# The CPU random generator every layer and data loader draws from, unless it is
+# handed its own. `seed()` resets it; checkpoints save and restore its state.
+_rng = np.random.default_rng(0)
+
+
+def gpu_available() -> bool:
+    """True when CuPy imports and sees at least one CUDA device."""
+    if cupy is None:
+        return False
+    try:
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """'cpu' -> ('cpu', 0); 'gpu' or 'cuda' -> ('gpu', 0); 'gpu:1' -> ('gpu', 1)."""
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a string like 'cpu', 'gpu' or 'gpu:1', got {device!r}")
+    name, _, index = device.strip().lower().partition(":")
+    if name == "cuda":
+        name = "gpu"
+    if name not in ("cpu", "gpu") or (index and not index.isdigit()) or (name == "cpu" and index):
+        raise ValueError(f"unknown device {device!r}: expected 'cpu', 'gpu' or 'gpu:N'")
+    return name, int(index or 0)
+
+
+def get_xp(device: str = "cpu"):
+    """The array module for a device: numpy for 'cpu', cupy for 'gpu' / 'gpu:N'.
+
+    Asking for a GPU makes that device current, and fails with a message that
+    says what to install when CuPy or a CUDA device is missing.
+    """
+    name, index = parse_device(device)
+    if name == "cpu":
+        return np
+    if cupy is None:
+        raise RuntimeError(f"device {device!r} needs CuPy, which could not be imported "
+                           f"({_CUPY_IMPORT_ERROR}); {_INSTALL_HINT}")
+    count = 0
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:
+        raise RuntimeError(f"device {device!r}: CuPy is installed but no CUDA device or driver "
+                           f"was found ({e}). Check `nvidia-smi`, or use --device cpu") from e
+    if index >= count:
+        raise RuntimeError(f"device {device!r}: only {count} CUDA device(s) present "
+                           f"(valid: gpu:0 .. gpu:{count - 1})")
+    cupy.cuda.Device(index).use()
+    return cupy
+
+
+def is_gpu_array(x) -> bool:
+    return cupy is not None and isinstance(x, cupy.ndarray)
+
+
+def get_array_module(*arrays):
+    """numpy or cupy, whichever made the arrays. Mixing the two is an error.
+
+    Arrays that are None are skipped, so a layer can pass an optional bias.
+    """
+    kinds = {is_gpu_array(a) for a in arrays if a is not None}
+    if len(kinds) > 1:
+        names = ", ".join(f"{type(a).__module__}.{type(a).__name__}" for a in arrays if a is not None)
+        raise TypeError(f"arrays from different devices in one call ({names}): "
+                        "move them to one device first with minivgg.backend.to_device")
+    return cupy if kinds == {True} else np
+
+
+def to_device(x, device: str = "cpu"):
+    """Copy an array to a device ('cpu', 'gpu', 'gpu:N'); a no-op if it is already there."""
+    xp = get_xp(device)
+    if xp is np:
+        return cupy.asnumpy(x) if is_gpu_array(x) else np.asarray(x)
+    _, index = parse_device(device)
+    with cupy.cuda.Device(index):
+        return cupy.asarray(x)
+
+
+def to_numpy(x) -> np.ndarray:
+    """A NumPy array (on the host) from a NumPy or CuPy array or a Python scalar."""
+    return cupy.asnumpy(x) if is_gpu_array(x) else np.asarray(x)
+
+
+def synchronize(x=None) -> None:
+    """Wait for the GPU to finish queued work (for honest timings); no-op on the CPU."""
+    if cupy is not None and (x is None or is_gpu_array(x)) and gpu_available():
+        cupy.cuda.Device().synchronize()
+
+
+def seed(value: int) -> None:
+    """Seed every generator minivgg draws from: NumPy's (ours) and CuPy's."""
+    global _rng
+    _rng = np.random.default_rng(value)
+    if gpu_available():
+        cupy.random.seed(value)
+
+
+def get_rng() -> np.random.Generator:
+    """The shared CPU generator (weight init, dropout on the CPU, shuffling)."""
+    return _rng
+
+
+def rng_state() -> dict:
+    """The shared generator's state, as plain data a checkpoint can store."""
+    return _rng.bit_generator.state
+
+
+def set_rng_state(state: dict) -> None:
+    _rng.bit_generator.state = state
+
+
+def random_uniform(xp, shape, dtype):
+    """Uniform [0, 1) numbers of `dtype` made on the device of `xp`."""
+    if xp is np:
+        return _rng.random(shape, dtype=np.float32 if dtype == np.float16 else dtype).astype(dtype, copy=False)
+    return xp.random.random_sample(shape, dtype=np.float32).astype(dtype, copy=False)
+
+
+def device_of(x) -> str:
+    """'cpu' or 'gpu:N' for an array."""
+    return f"gpu:{x.device.id}" if is_gpu_array(x) else "cpu"

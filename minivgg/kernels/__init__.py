@@ -1,0 +1,74 @@
+"""One-line dispatchers: the same call runs the NumPy or the CuPy kernel.
+
+Layers call ``im2col(x, ...)``; which implementation runs depends only on
+where ``x`` lives. Also holds the im2col workspace limit that bounds the
+scratch memory of a convolution (see ``set_workspace_limit``).
+"""
+from __future__ import annotations
+
+import os
+
+from ..backend import is_gpu_array
+from .cpu import (col2im_cpu, im2col_cpu, maxpool_backward_cpu, maxpool_forward_cpu,
+                  out_size, pad_input)
+
+__all__ = ["im2col", "col2im", "maxpool_forward", "maxpool_backward", "out_size", "pad_input",
+           "set_workspace_limit", "get_workspace_limit", "batch_chunks"]
+
+# Scratch budget of one convolution's columns, in bytes. im2col makes an array
+# KH*KW times the input's size; the batch is cut into chunks that fit.
+_workspace_limit = int(float(os.environ.get("MINIVGG_WORKSPACE_MB", "256")) * 2**20)
+
+
+def set_workspace_limit(megabytes: float) -> None:
+    """Cap the im2col scratch memory of one convolution (default 256 MB, or
+    $MINIVGG_WORKSPACE_MB). A single sample always gets through, even if its
+    columns alone exceed the cap."""
+    global _workspace_limit
+    if megabytes <= 0:
+        raise ValueError(f"workspace limit must be positive, got {megabytes} MB")
+    _workspace_limit = int(megabytes * 2**20)
+
+
+def get_workspace_limit() -> int:
+    """The current cap, in bytes."""
+    return _workspace_limit
+
+
+def batch_chunks(N: int, bytes_per_sample: int):
+    """Split range(N) into consecutive slices whose columns fit the workspace."""
+    per_chunk = max(1, min(N, _workspace_limit // max(1, bytes_per_sample)))
+    return [slice(i, min(i + per_chunk, N)) for i in range(0, N, per_chunk)]
+
+
+def _gpu():
+    from . import gpu  # compiled on first use, only where CuPy is present
+    return gpu
+
+
+def im2col(x, KH, KW, stride, pad, out=None):
+    """x (N, C, H, W) -> cols (C*KH*KW, N*OH*OW)."""
+    if is_gpu_array(x):
+        return _gpu().im2col_gpu(x, KH, KW, stride, pad, out)
+    return im2col_cpu(x, KH, KW, stride, pad, out)
+
+
+def col2im(cols, x_shape, KH, KW, stride, pad):
+    """cols (C*KH*KW, N*OH*OW) -> dx (N, C, H, W), the adjoint of im2col."""
+    if is_gpu_array(cols):
+        return _gpu().col2im_gpu(cols, x_shape, KH, KW, stride, pad)
+    return col2im_cpu(cols, x_shape, KH, KW, stride, pad)
+
+
+def maxpool_forward(x, KH, KW, stride, pad):
+    """x (N, C, H, W) -> (out, argmax), both (N, C, OH, OW)."""
+    if is_gpu_array(x):
+        return _gpu().maxpool_forward_gpu(x, KH, KW, stride, pad)
+    return maxpool_forward_cpu(x, KH, KW, stride, pad)
+
+
+def maxpool_backward(dout, argmax, x_shape, KH, KW, stride, pad):
+    """dout (N, C, OH, OW) -> dx (N, C, H, W)."""
+    if is_gpu_array(dout):
+        return _gpu().maxpool_backward_gpu(dout, argmax, x_shape, KH, KW, stride, pad)
+    return maxpool_backward_cpu(dout, argmax, x_shape, KH, KW, stride, pad)

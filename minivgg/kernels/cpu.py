@@ -1,0 +1,104 @@
+"""NumPy kernels: im2col / col2im for convolution, window max for pooling.
+
+Notation: N batch, C channels, H W input size, KH KW kernel, OH OW output
+size, Hp Wp padded size. The column layout is (C*KH*KW, N*OH*OW): one GEMM
+with the (F, C*KH*KW) weight matrix then convolves the whole batch at once.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+
+def out_size(size: int, k: int, stride: int, pad: int) -> int:
+    """Output length of a window sweep: floor((size + 2*pad - k) / stride) + 1."""
+    return (size + 2 * pad - k) // stride + 1
+
+
+def pad_input(x, pad_h: int, pad_w: int, value=0.0):
+    """Zero-pad H and W of x (N, C, H, W) -> (N, C, Hp, Wp); a view-free copy only if needed."""
+    if pad_h == 0 and pad_w == 0:
+        return x
+    N, C, H, W = x.shape
+    xp_ = np.full((N, C, H + 2 * pad_h, W + 2 * pad_w), value, dtype=x.dtype)  # (N, C, Hp, Wp)
+    xp_[:, :, pad_h:pad_h + H, pad_w:pad_w + W] = x
+    return xp_
+
+
+def im2col_cpu(x, KH: int, KW: int, stride: tuple, pad: tuple, out=None):
+    """x (N, C, H, W) -> cols (C*KH*KW, N*OH*OW).
+
+    Row (c, kh, kw), column (n, oh, ow) holds x_padded[n, c, oh*sh + kh, ow*sw + kw].
+    A strided view addresses every window without copying; one copy lays it out.
+    """
+    N, C, H, W = x.shape
+    sh, sw = stride
+    OH, OW = out_size(H, KH, sh, pad[0]), out_size(W, KW, sw, pad[1])
+    xpad = np.ascontiguousarray(pad_input(x, *pad))                  # (N, C, Hp, Wp)
+    sN, sC, sH, sW = xpad.strides
+    windows = as_strided(xpad, shape=(C, KH, KW, N, OH, OW),
+                         strides=(sC, sH, sW, sN, sH * sh, sW * sw), writeable=False)
+    if out is None:
+        out = np.empty((C, KH, KW, N, OH, OW), dtype=x.dtype)
+    out = out.reshape(C, KH, KW, N, OH, OW)
+    np.copyto(out, windows)                                          # (C, KH, KW, N, OH, OW)
+    return out.reshape(C * KH * KW, N * OH * OW)
+
+
+def col2im_cpu(cols, x_shape, KH: int, KW: int, stride: tuple, pad: tuple):
+    """The adjoint of im2col: cols (C*KH*KW, N*OH*OW) -> dx (N, C, H, W).
+
+    Every column entry is added back to the input pixel it was copied from;
+    pixels shared by overlapping windows collect several contributions.
+    """
+    N, C, H, W = x_shape
+    sh, sw = stride
+    ph, pw = pad
+    OH, OW = out_size(H, KH, sh, ph), out_size(W, KW, sw, pw)
+    cols6 = cols.reshape(C, KH, KW, N, OH, OW)
+    dxpad = np.zeros((N, C, H + 2 * ph, W + 2 * pw), dtype=cols.dtype)   # (N, C, Hp, Wp)
+    for kh in range(KH):
+        for kw in range(KW):
+            dxpad[:, :, kh:kh + sh * OH:sh, kw:kw + sw * OW:sw] += cols6[:, kh, kw].transpose(1, 0, 2, 3)
+    return dxpad[:, :, ph:ph + H, pw:pw + W]                          # (N, C, H, W)
+
+
+def maxpool_forward_cpu(x, KH: int, KW: int, stride: tuple, pad: tuple):
+    """Window maximum and the index (kh*KW + kw) of its first occurrence.
+
+    x (N, C, H, W) -> out (N, C, OH, OW), argmax (N, C, OH, OW) int8/int32.
+    Windows are scanned in row-major order and only a strictly larger value
+    replaces the running maximum, so ties go to the first element, as in PyTorch.
+    """
+    N, C, H, W = x.shape
+    sh, sw = stride
+    OH, OW = out_size(H, KH, sh, pad[0]), out_size(W, KW, sw, pad[1])
+    xpad = pad_input(x, *pad, value=-np.inf)                          # (N, C, Hp, Wp)
+    out = xpad[:, :, 0:sh * OH:sh, 0:sw * OW:sw].copy()                # (N, C, OH, OW)
+    argmax = np.zeros((N, C, OH, OW), dtype=np.int32)                  # (N, C, OH, OW)
+    for kh in range(KH):
+        for kw in range(KW):
+            if kh == 0 and kw == 0:
+                continue
+            cand = xpad[:, :, kh:kh + sh * OH:sh, kw:kw + sw * OW:sw]  # (N, C, OH, OW) view
+            better = cand > out
+            np.copyto(out, cand, where=better)
+            argmax[better] = kh * KW + kw
+    return out, argmax
+
+
+def maxpool_backward_cpu(dout, argmax, x_shape, KH: int, KW: int, stride: tuple, pad: tuple):
+    """Route each dout to its window's argmax; overlapping windows add up.
+
+    dout, argmax (N, C, OH, OW) -> dx (N, C, H, W).
+    """
+    N, C, H, W = x_shape
+    sh, sw = stride
+    ph, pw = pad
+    OH, OW = dout.shape[2:]
+    dxpad = np.zeros((N, C, H + 2 * ph, W + 2 * pw), dtype=dout.dtype)   # (N, C, Hp, Wp)
+    for kh in range(KH):
+        for kw in range(KW):
+            routed = np.where(argmax == kh * KW + kw, dout, 0)           # (N, C, OH, OW)
+            dxpad[:, :, kh:kh + sh * OH:sh, kw:kw + sw * OW:sw] += routed
+    return dxpad[:, :, ph:ph + H, pw:pw + W]

@@ -1,0 +1,18 @@
+"""The layer library: each layer's forward and backward on one screen.
+
+Reading order for learners: base (the contract), linear, activation, conv
+(im2col + GEMM beside a loop reference), pool, norm, container; then
+minivgg/losses.py and minivgg/gradcheck.py.
+"""
+from ..losses import SoftmaxCrossEntropy
+from .activation import Dropout, ReLU
+from .base import Layer
+from .container import Sequential
+from .conv import Conv2d, conv2d_naive, conv2d_naive_backward
+from .linear import Flatten, Linear
+from .norm import BatchNorm2d
+from .pool import AdaptiveAvgPool2d, MaxPool2d, maxpool2d_naive
+
+__all__ = ["Layer", "Conv2d", "ReLU", "MaxPool2d", "AdaptiveAvgPool2d", "Linear", "Flatten",
+           "Dropout", "BatchNorm2d", "Sequential", "SoftmaxCrossEntropy",
+           "conv2d_naive", "conv2d_naive_backward", "maxpool2d_naive"]
