@@ -39,10 +39,10 @@ def parse_device(device: str) -> tuple[str, int]:
     """'cpu' -> ('cpu', 0); 'gpu' or 'cuda' -> ('gpu', 0); 'gpu:1' -> ('gpu', 1)."""
     if not isinstance(device, str):
         raise TypeError(f"device must be a string like 'cpu', 'gpu' or 'gpu:1', got {device!r}")
-    name, _, index = device.strip().lower().partition(":")
+    name, colon, index = device.strip().lower().partition(":")
     if name == "cuda":
         name = "gpu"
-    if name not in ("cpu", "gpu") or (index and not index.isdigit()) or (name == "cpu" and index):
+    if name not in ("cpu", "gpu") or (colon and not index.isdigit()) or (name == "cpu" and colon):
         raise ValueError(f"unknown device {device!r}: expected 'cpu', 'gpu' or 'gpu:N'")
     return name, int(index or 0)
 

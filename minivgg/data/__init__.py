@@ -1,0 +1,19 @@
+"""Data for minivgg: Fashion-MNIST and image folders as uint8 arrays, augmentation, and a DataLoader.
+
+Datasets load once into memory as uint8 (N, C, H, W); the DataLoader turns them into
+shuffled, augmented, normalised float32 batches on the CPU or the GPU.
+"""
+from . import transforms
+from .fashion_mnist import (FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD,
+                            DatasetNotFoundError, find_fashion_mnist, load_fashion_mnist)
+from .folder import ImageFolder, load_image, prepare_images
+from .idx import read_idx, write_idx
+from .loader import DataLoader
+from .transforms import (IMAGENET_MEAN, IMAGENET_STD, ColorJitter, Compose, Normalize, RandomCrop,
+                         RandomHorizontalFlip, RandomRotation, compute_mean_std)
+
+__all__ = ["load_fashion_mnist", "find_fashion_mnist", "DatasetNotFoundError", "FASHION_MNIST_CLASSES",
+           "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "prepare_images", "ImageFolder", "load_image",
+           "read_idx", "write_idx", "DataLoader", "transforms", "Compose", "Normalize",
+           "RandomHorizontalFlip", "RandomCrop", "RandomRotation", "ColorJitter", "compute_mean_std",
+           "IMAGENET_MEAN", "IMAGENET_STD"]
