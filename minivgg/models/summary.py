@@ -1,0 +1,151 @@
+"""summary(model, input_shape): a layer table with shapes, parameters, multiply-adds and memory.
+
+Shapes are propagated with each layer type's output-size formula, so a
+138M-parameter VGG-16 at 224x224 is summarised without running a forward.
+The totals follow torchsummary's (and Keras' model.summary()) conventions.
+
+Notation: N batch, C in-channels, F out-channels, H W input size, KH KW
+kernel, OH OW output size, I O in/out features.
+"""
+from __future__ import annotations
+
+
+import numpy as np
+
+from ..kernels import out_size
+from ..layers import (AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, Layer, Linear,
+                      MaxPool2d, ReLU)
+
+MB = 2.0 ** 20
+
+
+def layer_output_shape(layer: Layer, shape: tuple) -> tuple:
+    """The output shape (without the batch) of one leaf layer given its input shape.
+
+    Conv2d   (C, H, W) -> (F, OH, OW),  OH = floor((H + 2*ph - KH) / sh) + 1
+    MaxPool2d (C, H, W) -> (C, OH, OW), the same formula
+    AdaptiveAvgPool2d   -> (C, OH, OW) = (C, *output_size)
+    Flatten  (C, H, W) -> (C*H*W,);     Linear (I,) -> (O,)
+    ReLU, Dropout, BatchNorm2d keep the shape.
+    """
+    if isinstance(layer, Conv2d):
+        C, H, W = shape
+        (KH, KW), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+        return (layer.out_channels, out_size(H, KH, sh, ph), out_size(W, KW, sw, pw))
+    if isinstance(layer, MaxPool2d):
+        C, H, W = shape
+        (KH, KW), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+        return (C, out_size(H, KH, sh, ph), out_size(W, KW, sw, pw))
+    if isinstance(layer, AdaptiveAvgPool2d):
+        return (shape[0], *layer.output_size)
+    if isinstance(layer, Flatten):
+        return (int(np.prod(shape)),)
+    if isinstance(layer, Linear):
+        return (layer.out_features,)
+    if isinstance(layer, (ReLU, Dropout, BatchNorm2d)):
+        return tuple(shape)
+    # Any other layer: run it once on a single zero sample (cheap for the small layers this meets).
+    dtype = next(iter(layer.params.values())).dtype if layer.params else np.float32
+    x = np.zeros((1, *shape), dtype=dtype)
+    return tuple(layer.forward(x).shape[1:])
+
+
+def layer_macs(layer: Layer, in_shape: tuple, out_shape: tuple) -> int:
+    """Multiply-adds per sample: Conv2d OH*OW*F*C*KH*KW, Linear I*O, others 0."""
+    if isinstance(layer, Conv2d):
+        F, OH, OW = out_shape
+        KH, KW = layer.kernel_size
+        return OH * OW * F * layer.in_channels * KH * KW
+    if isinstance(layer, Linear):
+        return layer.in_features * layer.out_features
+    return 0
+
+
+def leaf_layers(model: Layer):
+    """(dotted name, layer) for every layer without children, in forward order."""
+    return [(name, m) for name, m in model.modules() if not m.children()]
+
+
+def trace(model: Layer, input_shape) -> list[dict]:
+    """One row per leaf layer: name, type, in/out shape (no batch), params, MACs.
+
+    input_shape is (C, H, W), or (N, C, H, W) whose N is ignored here.
+    """
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) == 4:
+        shape = shape[1:]
+    if hasattr(model, "check_input_shape"):   # VGG's own checks: channels, >= 32x32
+        model.check_input_shape((1, *shape))
+    rows = []
+    for name, layer in leaf_layers(model):
+        out = layer_output_shape(layer, shape)
+        if min(out) < 1:
+            raise ValueError(f"summary: {name} ({type(layer).__name__}) would output {out} from "
+                             f"{shape}; the input {tuple(input_shape)} is too small for this model")
+        rows.append({"name": name, "type": type(layer).__name__, "in_shape": shape,
+                     "out_shape": out, "params": sum(int(p.size) for p in layer.params.values()),
+                     "trainable": not layer.frozen, "macs": layer_macs(layer, shape, out),
+                     "view": isinstance(layer, Flatten)})
+        shape = out
+    return rows
+
+
+def summary(model: Layer, input_shape, batch_size: int = 1, show: bool = False) -> str:
+    """A table of every leaf layer and the model's totals, as torchsummary prints.
+
+    Columns: layer name, type, output shape [-1, ...], parameters, multiply-adds
+    per sample, and the activation memory of the output for `batch_size` samples.
+    Totals: parameters (all and trainable), parameter MB, input MB,
+    forward/backward pass MB (every layer output, kept for backward, and its
+    gradient: 2 x activations; Flatten is a view and allocates nothing),
+    and their sum as the estimated total. show=True also prints the table.
+    """
+    if len(tuple(input_shape)) == 4:
+        batch_size = int(input_shape[0])
+    rows = trace(model, input_shape)
+    params = list(model.named_parameters(trainable_only=False))
+    itemsize = params[0][1].dtype.itemsize if params else 4
+    in_shape = rows[0]["in_shape"] if rows else tuple(input_shape)
+
+    header = f"{'Layer':<16} {'Type':<18} {'Output shape':<22} {'Params':>13} {'Mult-adds':>15} {'Activ.':>10}"
+    rule = "=" * len(header)
+    lines = [f"{getattr(model, 'arch', type(model).__name__)}  input {list(in_shape)}, "
+             f"batch {batch_size}, {np.dtype(params[0][1].dtype).name if params else 'float32'}",
+             rule, header, rule]
+    activ = 0
+    for r in rows:
+        n_out = int(np.prod(r["out_shape"])) * batch_size
+        mem = 0 if r["view"] else n_out * itemsize
+        activ += mem
+        lines.append(f"{r['name']:<16} {r['type']:<18} {str([-1, *r['out_shape']]):<22} "
+                     f"{r['params']:>13,} {r['macs']:>15,} {_fmt_bytes(mem):>10}")
+    total = sum(int(p.size) for _, p, _ in params)
+    trainable = sum(r["params"] for r in rows if r["trainable"])
+    macs = sum(r["macs"] for r in rows)
+    input_mb = int(np.prod(in_shape)) * batch_size * itemsize / MB
+    fwd_bwd_mb = 2 * activ / MB
+    params_mb = total * itemsize / MB
+    lines += [rule,
+              f"Total params: {total:,}",
+              f"Trainable params: {trainable:,}",
+              f"Non-trainable params: {total - trainable:,}",
+              f"Mult-adds per sample: {macs:,} ({macs / 1e9:.2f} G)",
+              "-" * len(header),
+              f"Input size (MB): {input_mb:.2f}",
+              f"Forward/backward pass size (MB): {fwd_bwd_mb:.2f}",
+              f"Params size (MB): {params_mb:.2f}",
+              f"Estimated Total Size (MB): {input_mb + fwd_bwd_mb + params_mb:.2f}",
+              "-" * len(header)]
+    text = "\n".join(lines)
+    if show:
+        print(text)
+    return text
+
+
+def _fmt_bytes(n: int) -> str:
+    if n == 0:
+        return "0"
+    for unit, size in (("GB", 2 ** 30), ("MB", 2 ** 20), ("KB", 2 ** 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
