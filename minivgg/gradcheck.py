@@ -26,6 +26,8 @@ def numerical_gradient(f, x, h: float = 1e-6):
     x is perturbed in place, one element at a time, and restored exactly.
     """
     xp = backend.get_array_module(x)
+    if not x.flags.c_contiguous:  # reshape would copy, and the perturbations would be lost
+        raise ValueError("numerical_gradient needs a C-contiguous array to perturb in place")
     grad = xp.zeros_like(x)
     flat, gflat = x.reshape(-1), grad.reshape(-1)
     for i in range(flat.size):
@@ -45,7 +47,8 @@ def check_layer(layer, x, h: float = 1e-6, seed: int = 0) -> dict:
     The layer and x must be float64 (call ``layer.astype(np.float64)``); the
     layer's mode is kept, so check train and eval separately. Layers that draw
     random numbers (Dropout) must be given a fixed ``seed`` of their own so
-    every forward draws the same mask. Returns {'x': err, 'weight': err, ...}.
+    every forward draws the same mask. Returns {'x': err, 'weight': err, ...};
+    a container's parameters are keyed by dotted name ('0.weight', ...).
     """
     if x.dtype != np.float64:
         raise TypeError(f"check_layer needs a float64 input for precise differences, got {x.dtype}")
@@ -56,7 +59,8 @@ def check_layer(layer, x, h: float = 1e-6, seed: int = 0) -> dict:
     out = layer.forward(x)
     G = xp.asarray(rng.standard_normal(out.shape))                        # upstream gradient
     dx = layer.backward(G.copy())
-    analytic = {"x": dx, **{k: g.copy() for k, g in layer.grads.items()}}
+    params = _named_params(layer)                                        # {name: (param, grad)}
+    analytic = {"x": dx, **{k: g.copy() for k, (_, g) in params.items()}}
     state = _buffers_snapshot(layer)
 
     def loss():
@@ -65,7 +69,7 @@ def check_layer(layer, x, h: float = 1e-6, seed: int = 0) -> dict:
         return (G * layer.forward(x)).sum()
 
     errors = {"x": relative_error(analytic["x"], numerical_gradient(loss, x, h))}
-    for key, p in layer.params.items():
+    for key, (p, _) in params.items():
         errors[key] = relative_error(analytic[key], numerical_gradient(loss, p, h))
     _buffers_restore(layer, state)
     return errors
@@ -81,6 +85,13 @@ def check_function(forward, backward, inputs: dict, h: float = 1e-6, seed: int =
     return {name: relative_error(analytic[name],
                                  numerical_gradient(lambda: (G * forward()).sum(), arr, h))
             for name, arr in inputs.items()}
+
+
+def _named_params(layer) -> dict:
+    """Every parameter below the layer (a container's too) with its gradient."""
+    if hasattr(layer, "named_parameters"):
+        return {name: (p, g) for name, p, g in layer.named_parameters(trainable_only=False)}
+    return {k: (p, layer.grads[k]) for k, p in layer.params.items()}
 
 
 def _rng_snapshot(layer):

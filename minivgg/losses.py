@@ -45,7 +45,10 @@ class SoftmaxCrossEntropy:
         if labels.dtype.kind not in "iu":
             raise TypeError(f"{name}: labels must be integers (class indices in [0, {K})), got dtype "
                             f"{labels.dtype}; convert with labels.astype(np.int64)")
-        backend.get_array_module(logits, labels)
+        try:
+            backend.get_array_module(logits, labels)
+        except TypeError as e:
+            raise TypeError(f"{name}: logits and labels are on different devices; {e}") from None
         # NumPy reads label -1 as the last class and CuPy wraps indices, so check by hand.
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= K:

@@ -29,13 +29,13 @@ def _build() -> dict:
         // col is (C, KH, KW, N, OH, OW); i walks it in order
         int ow = i % OW;  int t = i / OW;
         int oh = t % OH;  t /= OH;
-        int n  = t % N;   t /= N;
+        int b  = t % N;   t /= N;     // batch index (n and i are reserved names in CuPy)
         int kw = t % KW;  t /= KW;
         int kh = t % KH;  int c = t / KH;
         int y = oh * sh - ph + kh;
         int xx = ow * sw - pw + kw;
         col = (y >= 0 && y < H && xx >= 0 && xx < W)
-              ? x[(((long long)n * C + c) * H + y) * W + xx] : (T)0;
+              ? x[(((long long)b * C + c) * H + y) * W + xx] : (T)0;
         """,
         "minivgg_im2col")
     col2im = cp.ElementwiseKernel(
@@ -46,7 +46,7 @@ def _build() -> dict:
         // dx is (N, C, H, W); gather every column entry copied from pixel (y, xx)
         int xx = i % W;  int t = i / W;
         int y  = t % H;  t /= H;
-        int c  = t % C;  int n = t / C;
+        int c  = t % C;  int b = t / C;
         T acc = 0;
         for (int kh = 0; kh < KH; ++kh) {
             int oy = y + ph - kh;
@@ -58,7 +58,7 @@ def _build() -> dict:
                 if (ox < 0 || ox % sw != 0) continue;
                 ox /= sw;
                 if (ox >= OW) continue;
-                acc += col[((((long long)c * KH + kh) * KW + kw) * N + n) * OH * OW + oy * OW + ox];
+                acc += col[((((long long)c * KH + kh) * KW + kw) * N + b) * OH * OW + oy * OW + ox];
             }
         }
         dx = acc;
@@ -73,7 +73,7 @@ def _build() -> dict:
         int ow = i % OW;  int t = i / OW;
         int oh = t % OH;  int nc = t / OH;
         const T* plane = &x[(long long)nc * H * W];
-        T best = -INFINITY;  int arg = 0;  bool seen = false;
+        T best = 0;  int arg = 0;  bool seen = false;   // seeded by the first in-bounds value
         for (int kh = 0; kh < KH; ++kh) {
             int y = oh * sh - ph + kh;
             if (y < 0 || y >= H) continue;

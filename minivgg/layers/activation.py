@@ -34,7 +34,8 @@ class Dropout(Layer):
     Forward (eval):  out = x
     Backward:        dL/dx = dout * mask  (dout in eval)
 
-    seed: give the layer its own generator (CPU); otherwise it draws from the
+    seed: give the layer its own generator, drawn on the host (and copied to
+    the GPU), so its masks repeat on both devices; otherwise it draws from the
     one minivgg.backend.seed() sets.
     """
 
@@ -51,8 +52,8 @@ class Dropout(Layer):
             self.cache = ("identity", x)
             return x.copy()
         xp = backend.get_array_module(x)
-        if self._rng is not None and xp is np:
-            u = self._rng.random(x.shape, dtype=np.float64).astype(x.dtype)
+        if self._rng is not None:
+            u = xp.asarray(self._rng.random(x.shape, dtype=np.float64).astype(x.dtype))
         else:
             u = backend.random_uniform(xp, x.shape, x.dtype)           # same shape as x
         scale = 0.0 if self.p == 1.0 else 1.0 / (1.0 - self.p)

@@ -143,6 +143,8 @@ class Layer:
         if x.ndim != ndim:
             raise ValueError(f"{self!r}: expected a {ndim}-D input laid out {layout}, "
                              f"got shape {tuple(x.shape)} ({x.ndim}-D)")
+        if x.ndim == 0:
+            raise ValueError(f"{self!r}: expected an input with a batch dimension, got a 0-d array")
         if x.shape[0] == 0:
             raise ValueError(f"{self!r}: got an empty batch, shape {tuple(x.shape)}; "
                              "expected at least one sample")
@@ -153,7 +155,7 @@ class Layer:
             raise ValueError(f"{self!r}: expected {channels} channels in dim 1 ({layout}), got "
                              f"shape {tuple(x.shape)}.{hint}")
         params = [p for p in self.params.values()]
-        backend.get_array_module(x, *params)  # numpy and cupy mixed -> TypeError
+        self.check_same_device("the input and the parameters", x, *params)
         for p in params:
             if p.dtype != x.dtype:
                 raise TypeError(f"{self!r}: input dtype {x.dtype} differs from parameter dtype "
@@ -167,13 +169,20 @@ class Layer:
                                "was cleared); run forward on this batch first")
         if not hasattr(dout, "shape"):
             raise TypeError(f"{self!r}: dout must be an array, got {type(dout).__name__}")
-        backend.get_array_module(dout, like)
+        self.check_same_device("dout and the forward input", dout, like)
         if tuple(dout.shape) != tuple(expected_shape):
             raise ValueError(f"{self!r}: dout has shape {tuple(dout.shape)}, expected the forward "
                              f"output's shape {tuple(expected_shape)}")
         if dout.dtype != like.dtype:
             raise TypeError(f"{self!r}: dout dtype {dout.dtype} differs from the forward "
                             f"input's dtype {like.dtype}")
+
+    def check_same_device(self, what: str, *arrays):
+        """The array module of `arrays`; a TypeError naming this layer if NumPy and CuPy are mixed."""
+        try:
+            return backend.get_array_module(*arrays)
+        except TypeError as e:
+            raise TypeError(f"{self!r}: {what} are on different devices; {e}") from None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -79,6 +79,8 @@ class Conv2d(Layer):
         return out
 
     def backward(self, dout):
+        if self.cache is None:
+            raise RuntimeError(f"{self!r}: backward called before forward; run forward first")
         x = self.cache
         N, C, H, W = x.shape
         (KH, KW), F = self.kernel_size, self.out_channels

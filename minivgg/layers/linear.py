@@ -63,10 +63,10 @@ class Flatten(Layer):
             raise ValueError(f"Flatten: expected an input with a batch dimension, got "
                              f"{getattr(x, 'shape', type(x).__name__)}")
         self.check_input(x, ndim=x.ndim)
-        self.cache = x.shape
+        self.cache = x
         return x.reshape(x.shape[0], -1)                               # (N, C*H*W)
 
     def backward(self, dout):
-        if self.cache is None:
-            raise RuntimeError("Flatten(): backward called before forward; run forward first")
-        return dout.reshape(self.cache)                                # (N, C, H, W)
+        x = self.cache
+        self.check_dout(dout, (x.shape[0], x[0].size) if x is not None else (), like=x)
+        return dout.reshape(x.shape)                                   # (N, C, H, W)

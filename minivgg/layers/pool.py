@@ -54,9 +54,12 @@ class MaxPool2d(Layer):
         x_shape, dtype, argmax, xp = self.cache
         if backend.get_array_module(dout) is not xp:
             raise TypeError(f"{self!r}: dout is on a different device than the forward input")
-        if tuple(dout.shape) != tuple(argmax.shape) or dout.dtype != dtype:
-            raise ValueError(f"{self!r}: dout has shape {tuple(dout.shape)} and dtype {dout.dtype}, "
-                             f"expected {tuple(argmax.shape)} and {dtype}")
+        if tuple(dout.shape) != tuple(argmax.shape):
+            raise ValueError(f"{self!r}: dout has shape {tuple(dout.shape)}, expected the forward "
+                             f"output's shape {tuple(argmax.shape)}")
+        if dout.dtype != dtype:
+            raise TypeError(f"{self!r}: dout dtype {dout.dtype} differs from the forward "
+                            f"input's dtype {dtype}")
         KH, KW = self.kernel_size
         return maxpool_backward(dout, argmax, x_shape, KH, KW, self.stride, self.padding)  # (N, C, H, W)
 
@@ -144,7 +147,7 @@ class AdaptiveAvgPool2d(Layer):
             kh, kw = H // OH, W // OW
             dx = xp.broadcast_to((dout / (kh * kw)).reshape(N, C, OH, 1, OW, 1),
                                  (N, C, OH, kh, OW, kw)).reshape(N, C, H, W)   # (N, C, H, W)
-            return dx.astype(dout.dtype, copy=False)
+            return xp.ascontiguousarray(dx, dtype=dout.dtype)  # a writeable array, not a broadcast view
         dx = xp.zeros((N, C, H, W), dtype=dout.dtype)                     # (N, C, H, W)
         for i, (h0, h1) in enumerate(self._bins(H, OH)):
             for j, (w0, w1) in enumerate(self._bins(W, OW)):

@@ -1,0 +1,134 @@
+# The fast paths (im2col + GEMM convolution, vectorised max-pool) must equal the loop
+# references beside them, on every shape class, and must not change when the batch is chunked.
+import numpy as np
+import pytest
+
+from minivgg import backend, kernels
+from minivgg.kernels import batch_chunks, out_size
+from minivgg.layers import Conv2d, MaxPool2d, conv2d_naive, conv2d_naive_backward, maxpool2d_naive
+
+# Relative error ||a - b|| / ||b|| allowed between two summation orders of the same products.
+RTOL = {np.float64: 1e-12, np.float32: 1e-5}
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+@pytest.fixture
+def tiny_workspace():
+    """A 0.001 MB im2col budget: every sample of the shapes below becomes its own chunk."""
+    old = kernels.get_workspace_limit()
+    kernels.set_workspace_limit(0.001)
+    try:
+        yield
+    finally:
+        kernels.set_workspace_limit(old / 2**20)
+        assert kernels.get_workspace_limit() == old
+
+
+# (N, C, H, W, F, kernel, stride, padding, bias)
+CONV_CASES = [
+    (2, 3, 8, 8, 4, 3, 1, 1, True),
+    (1, 2, 7, 5, 3, 3, 1, 0, True),              # batch 1, odd non-square image
+    (3, 2, 9, 11, 4, 5, 2, 2, True),             # kernel 5, stride 2, padding 2
+    (2, 4, 6, 9, 5, 1, 1, 0, True),              # kernel 1
+    (2, 3, 10, 7, 2, 1, 2, 1, False),            # kernel 1 with stride and padding, no bias
+    (3, 2, 8, 6, 3, 3, 2, 1, False),             # stride 2, no bias
+    (2, 3, 9, 10, 2, (3, 5), (2, 1), (1, 2), True),  # non-square kernel, stride and padding
+    (2, 1, 3, 3, 2, 5, 1, 2, True),              # kernel covers the whole padded image
+]
+CONV_IDS = [f"N{c[0]}C{c[1]}_{c[2]}x{c[3]}_F{c[4]}_k{c[5]}_s{c[6]}_p{c[7]}_b{int(c[8])}" for c in CONV_CASES]
+
+
+def make_conv(rng, dtype, N, C, H, W, F, k, s, p, bias):
+    """A Conv2d with a non-trivial bias, an input and an upstream gradient, all host arrays."""
+    layer = Conv2d(C, F, k, stride=s, padding=p, bias=bias).astype(dtype)
+    if bias:  # PyTorch's init makes a tiny bias; a large one would hide errors in W @ cols
+        layer.params["bias"][...] = rng.standard_normal(F)
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    OH, OW = out_size(H, layer.kernel_size[0], layer.stride[0], layer.padding[0]), \
+        out_size(W, layer.kernel_size[1], layer.stride[1], layer.padding[1])
+    dout = rng.standard_normal((N, F, OH, OW)).astype(dtype)
+    return layer, x, dout
+
+
+def run_fast(layer, x, dout, device):
+    """Conv2d forward and backward on `device`: [out, dx, dW(, db)] as NumPy arrays."""
+    layer.to(device)
+    out = layer.forward(backend.to_device(x, device))
+    dx = layer.backward(backend.to_device(dout, device))
+    grads = [layer.grads["weight"]] + ([layer.grads["bias"]] if "bias" in layer.params else [])
+    return [backend.to_numpy(a) for a in [out, dx] + grads]
+
+
+def run_reference(layer, x, dout):
+    weight = backend.to_numpy(layer.params["weight"])
+    bias = backend.to_numpy(layer.params["bias"]) if "bias" in layer.params else None
+    out = conv2d_naive(x, weight, bias, stride=layer.stride, padding=layer.padding)
+    dx, dW, db = conv2d_naive_backward(x, weight, dout, stride=layer.stride, padding=layer.padding)
+    return [out, dx, dW] + ([db] if bias is not None else [])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", CONV_CASES, ids=CONV_IDS)
+def test_conv2d_equals_loop_reference(device, rng, dtype, case):
+    layer, x, dout = make_conv(rng, dtype, *case)
+    ref = run_reference(layer, x, dout)
+    fast = run_fast(layer, x, dout, device)
+    assert len(fast) == len(ref) == (4 if case[-1] else 3)
+    for name, a, b in zip(["out", "dx", "dW", "db"], fast, ref):
+        assert a.dtype == dtype, f"{name} came back as {a.dtype}"
+        assert a.shape == b.shape, name
+        assert rel(a, b) < RTOL[dtype], f"{name}: relative error {rel(a, b):.2e}"
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=CONV_IDS)
+def test_conv2d_chunked_batch_is_unchanged(device, rng, tiny_workspace, case):
+    N, C = case[:2]
+    layer, x, dout = make_conv(rng, np.float64, *case)
+    KH, KW = layer.kernel_size
+    per_sample = C * KH * KW * dout.shape[2] * dout.shape[3] * x.itemsize
+    assert len(batch_chunks(N, per_sample)) == N, "the workspace limit did not split the batch"
+    chunked = run_fast(layer, x, dout, device)
+    kernels.set_workspace_limit(256)
+    assert len(batch_chunks(N, per_sample)) == 1
+    whole = run_fast(layer, x, dout, device)
+    ref = run_reference(layer, x, dout)
+    for name, a, b, r in zip(["out", "dx", "dW", "db"], chunked, whole, ref):
+        if name in ("out", "dx") and device == "cpu":  # each sample is computed on its own
+            np.testing.assert_array_equal(a, b, err_msg=name)
+        elif name in ("out", "dx"):  # cuBLAS may pick another algorithm (split-K) for another width
+            assert rel(a, b) < RTOL[np.float64], name
+        else:                       # dW, db sum over the batch: chunking only changes the order
+            assert rel(a, b) < RTOL[np.float64], name
+        assert rel(a, r) < RTOL[np.float64], name
+
+
+# (N, C, H, W, kernel, stride, padding)
+POOL_CASES = [
+    (2, 3, 8, 8, 2, None, 0),          # the VGG pool
+    (1, 2, 7, 9, 3, 2, 0),             # overlapping, odd sizes, batch 1
+    (2, 2, 7, 6, 3, 2, 1),             # overlapping, padded
+    (2, 1, 6, 7, (2, 3), (1, 2), (1, 1)),  # non-square window, stride and padding
+    (1, 2, 5, 5, 5, 1, 2),             # window as big as the padded image allows
+    (2, 2, 9, 4, 3, 3, 0),             # sizes that leave pixels unvisited
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("N,C,H,W,k,s,p", POOL_CASES)
+def test_maxpool2d_equals_loop_reference(device, rng, dtype, N, C, H, W, k, s, p):
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    out_ref, backward_ref = maxpool2d_naive(x, k, s, p)
+    dout = rng.standard_normal(out_ref.shape).astype(dtype)
+    layer = MaxPool2d(k, stride=s, padding=p)
+    out = backend.to_numpy(layer.forward(backend.to_device(x, device)))
+    dx = backend.to_numpy(layer.backward(backend.to_device(dout, device)))
+    assert out.dtype == dx.dtype == dtype
+    np.testing.assert_array_equal(out, out_ref)      # a maximum is a selection: exact
+    dx_ref = backward_ref(dout)
+    assert dx.shape == dx_ref.shape
+    assert rel(dx, dx_ref) < RTOL[dtype]             # overlapping windows may add in another order
+    np.testing.assert_array_equal(dx == 0, dx_ref == 0)
