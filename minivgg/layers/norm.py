@@ -59,7 +59,7 @@ class BatchNorm2d(Layer):
 
     def _update_running(self, mu, var, M):
         b = self.buffers
-        b["num_batches_tracked"] = b["num_batches_tracked"] + 1
+        b["num_batches_tracked"][...] += 1                             # stays a 0-d array
         m = self.momentum if self.momentum is not None else 1.0 / float(b["num_batches_tracked"])
         dt = b["running_mean"].dtype.type
         b["running_mean"] = (1 - dt(m)) * b["running_mean"] + dt(m) * mu.astype(b["running_mean"].dtype)

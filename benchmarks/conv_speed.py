@@ -1,0 +1,398 @@
+"""How fast is minivgg's Conv2d against PyTorch's, layer by layer, on the convolutions VGG runs?
+
+Times forward, backward (dx, dW and db together) and forward+backward for every conv shape of
+VGG-11 on 32x32 images (batch 64), or of VGG-16 on 224x224 (--vgg16-224), for minivgg
+(NumPy on the CPU, CuPy on the GPU) and torch.nn.functional.conv2d in the same run, after
+checking that both compute the same outputs and gradients. Only Conv2d's public API is used
+(forward, backward, params, grads), so the script keeps working as the layer's internals change.
+
+    PYTHONPATH=. python benchmarks/conv_speed.py                  # VGG-11 @ 32x32, CPU
+    PYTHONPATH=. python benchmarks/conv_speed.py --vgg16-224 --batch 2 --json out.json
+    PYTHONPATH=. python benchmarks/conv_speed.py --device gpu     # CuPy vs PyTorch CUDA
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+from dataclasses import dataclass
+
+try:
+    from benchmarks import common
+except ImportError:  # run as `python benchmarks/conv_speed.py` without PYTHONPATH=.: add the repo root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks import common
+
+# Before minivgg imports CuPy: TF32 stays off for float32 unless --tf32 (see common).
+common.set_cupy_tf32_env("--tf32" in sys.argv[1:])
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from minivgg import backend  # noqa: E402
+from minivgg.layers import Conv2d  # noqa: E402
+
+TOL_FP32 = 1e-4   # rel err of outputs and every gradient, float32, TF32 off
+TOL_TF32 = 1e-2   # with --tf32 both sides round matmul inputs to 10 mantissa bits
+
+TORCH_METHOD = ("torch: fwd = F.conv2d with autograd recording (as in training); "
+                "bwd = one torch.autograd.grad(y, [x, w, b], dout) call, i.e. a single "
+                "ConvolutionBackward (aten.convolution_backward with all three grads), the same "
+                "kernel call a training step makes; dx / dW alone = torch.nn.grad.conv2d_input / "
+                "conv2d_weight (the same aten op with output_mask (1,0,0) / (0,1,0)); "
+                "total = F.conv2d + autograd.grad. minivgg: fwd = Conv2d.forward, "
+                "bwd = Conv2d.backward (dx, dW, db in one call), total = both. "
+                "Both sides compute dx for every layer, the first one too.")
+
+
+@dataclass(frozen=True)
+class ConvCase:
+    """One conv shape: x (N, C, H, W) -> out (N, F, OH, OW), kernel KxK, stride 1, padding P.
+    count: how many of the network's conv layers have this shape (for the network total)."""
+    name: str
+    N: int
+    C: int
+    F: int
+    H: int
+    W: int
+    K: int = 3
+    P: int = 1
+    count: int = 1
+
+    @property
+    def OH(self) -> int:
+        return self.H + 2 * self.P - self.K + 1
+
+    @property
+    def OW(self) -> int:
+        return self.W + 2 * self.P - self.K + 1
+
+    @property
+    def flops_forward(self) -> int:
+        """2*N*F*C*KH*KW*OH*OW: one multiply and one add per weight per output pixel."""
+        return 2 * self.N * self.F * self.C * self.K * self.K * self.OH * self.OW
+
+    @property
+    def flops_backward(self) -> int:
+        """dx and dW are each a product the size of the forward one (db is negligible)."""
+        return 2 * self.flops_forward
+
+    def describe(self) -> str:
+        return f"{self.N}x{self.C}x{self.H}x{self.W} -> {self.F}"
+
+
+def vgg11_32_cases(batch: int = 64) -> list[ConvCase]:
+    """VGG-11's eight convs on 32x32 images; the last two share a shape (count=2)."""
+    return [ConvCase("conv1", batch, 3, 64, 32, 32),
+            ConvCase("conv2", batch, 64, 128, 16, 16),
+            ConvCase("conv3", batch, 128, 256, 8, 8),
+            ConvCase("conv4", batch, 256, 256, 8, 8),
+            ConvCase("conv5", batch, 256, 512, 4, 4),
+            ConvCase("conv6", batch, 512, 512, 4, 4),
+            ConvCase("conv7-8", batch, 512, 512, 2, 2, count=2)]
+
+
+def vgg16_224_cases(batch: int = 4) -> list[ConvCase]:
+    """VGG-16's thirteen convs on 224x224 images, one row per distinct shape."""
+    return [ConvCase("conv1_1", batch, 3, 64, 224, 224),
+            ConvCase("conv1_2", batch, 64, 64, 224, 224),
+            ConvCase("conv2_1", batch, 64, 128, 112, 112),
+            ConvCase("conv2_2", batch, 128, 128, 112, 112),
+            ConvCase("conv3_1", batch, 128, 256, 56, 56),
+            ConvCase("conv3_2-3", batch, 256, 256, 56, 56, count=2),
+            ConvCase("conv4_1", batch, 256, 512, 28, 28),
+            ConvCase("conv4_2-3", batch, 512, 512, 28, 28, count=2),
+            ConvCase("conv5_1-3", batch, 512, 512, 14, 14, count=3)]
+
+
+# ---------------------------------------------------------------------------------------------
+# One case: the same numbers in both frameworks
+# ---------------------------------------------------------------------------------------------
+def torch_device(device: str) -> torch.device:
+    return torch.device("cpu" if device == "cpu" else "cuda")
+
+
+def make_pair(case: ConvCase, device: str = "cpu", seed: int = 0) -> dict:
+    """A minivgg Conv2d and torch tensors holding the same weight, bias, input and upstream
+    gradient (Kaiming-scaled weights, N(0, 1) data), on `device`."""
+    rng = np.random.default_rng(seed)
+    fan_in = case.C * case.K * case.K
+    w = (rng.standard_normal((case.F, case.C, case.K, case.K)) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+    b = (rng.standard_normal(case.F) * 0.1).astype(np.float32)
+    x = rng.standard_normal((case.N, case.C, case.H, case.W)).astype(np.float32)
+    dout = rng.standard_normal((case.N, case.F, case.OH, case.OW)).astype(np.float32)
+
+    layer = Conv2d(case.C, case.F, case.K, stride=1, padding=case.P)
+    layer.params["weight"][...] = w        # the public params dict, written in place
+    layer.params["bias"][...] = b
+    layer.to(device)
+
+    tdev = torch_device(device)
+    t = {k: torch.from_numpy(v).to(tdev) for k, v in (("x", x), ("w", w), ("b", b), ("dout", dout))}
+    for k in ("x", "w", "b"):
+        t[k].requires_grad_(True)
+    return {"case": case, "device": device, "layer": layer,
+            "x": backend.to_device(x, device), "dout": backend.to_device(dout, device), "torch": t}
+
+
+def minivgg_results(pair: dict):
+    """out, dx, dW, db from minivgg's Conv2d (forward, then backward)."""
+    layer = pair["layer"]
+    out = layer.forward(pair["x"])
+    dx = layer.backward(pair["dout"])
+    return out, dx, layer.grads["weight"], layer.grads["bias"]
+
+
+def torch_results(pair: dict):
+    """out, dx, dW, db from torch autograd."""
+    t, P = pair["torch"], pair["case"].P
+    y = F.conv2d(t["x"], t["w"], t["b"], padding=P)
+    dx, dw, db = torch.autograd.grad(y, (t["x"], t["w"], t["b"]), t["dout"])
+    return y, dx, dw, db
+
+
+def check_pair(pair: dict, tol: float = TOL_FP32) -> dict:
+    """Compare out, dx, dW, db with torch; raise common.MismatchError when any rel err > tol.
+    Also checks that torch.nn.grad's dx / dW (what the split timings run) equal autograd's."""
+    t, P = pair["torch"], pair["case"].P
+    mv = minivgg_results(pair)
+    ref = torch_results(pair)
+    with torch.no_grad():
+        dx_only = torch.nn.grad.conv2d_input(t["x"].shape, t["w"], t["dout"], padding=P)
+        dw_only = torch.nn.grad.conv2d_weight(t["x"], t["w"].shape, t["dout"], padding=P)
+    pairs = {"out": (mv[0], ref[0]), "dx": (mv[1], ref[1]), "dW": (mv[2], ref[2]), "db": (mv[3], ref[3])}
+    errors = common.check_close(pairs, tol, what=f"{pair['case'].name} ({pair['case'].describe()})")
+    common.check_close({"torch dx (nn.grad vs autograd)": (dx_only.cpu().numpy(), ref[1]),
+                        "torch dW (nn.grad vs autograd)": (dw_only.cpu().numpy(), ref[2])},
+                       1e-5 if tol <= TOL_FP32 else tol, what=f"{pair['case'].name} torch self-check")
+    return errors
+
+
+def timed_functions(pair: dict) -> dict:
+    """name -> zero-argument callable, for each quantity the benchmark times."""
+    layer, x, dout = pair["layer"], pair["x"], pair["dout"]
+    t, P = pair["torch"], pair["case"].P
+    tx, tw, tb, tdout = t["x"], t["w"], t["b"], t["dout"]
+    x_shape, w_shape = tx.shape, tw.shape
+    layer.forward(x)                                            # leaves the cache backward reads
+    y_graph = F.conv2d(tx, tw, tb, padding=P)                   # a graph autograd.grad can rerun
+
+    def mv_total():
+        layer.forward(x)
+        layer.backward(dout)
+
+    def t_dx():
+        with torch.no_grad():
+            torch.nn.grad.conv2d_input(x_shape, tw, tdout, padding=P)
+
+    def t_dw():
+        with torch.no_grad():
+            torch.nn.grad.conv2d_weight(tx, w_shape, tdout, padding=P)
+
+    def t_total():
+        y = F.conv2d(tx, tw, tb, padding=P)
+        torch.autograd.grad(y, (tx, tw, tb), tdout)
+
+    return {
+        "minivgg_forward": lambda: layer.forward(x),
+        "minivgg_backward": lambda: layer.backward(dout),
+        "minivgg_total": mv_total,
+        "torch_forward": lambda: F.conv2d(tx, tw, tb, padding=P),
+        "torch_backward_dx": t_dx,
+        "torch_backward_dw": t_dw,
+        "torch_backward": lambda: torch.autograd.grad(y_graph, (tx, tw, tb), tdout, retain_graph=True),
+        "torch_total": t_total,
+    }
+
+
+def bench_case(case: ConvCase, device: str = "cpu", repeats: int = 5, warmup: int = 1,
+               min_time: float = 0.0, tol: float = TOL_FP32, seed: int = 0, progress=None) -> dict:
+    """Check, then time, one conv shape; returns errors, timings (seconds) and derived figures."""
+    pair = make_pair(case, device, seed)
+    errors = check_pair(pair, tol)
+
+    def on_round(i):
+        if progress is not None:
+            progress.step(f"{case.name}: " + ("warm-up" if i == 0 else f"repeat {i}/{repeats}"))
+
+    timings = common.measure_many(timed_functions(pair), device, repeats=repeats, warmup=warmup,
+                                  min_time=min_time, on_round=on_round)
+    return summarize_case(case, errors, timings)
+
+
+def summarize_case(case: ConvCase, errors: dict, timings: dict) -> dict:
+    med = {k: v.median for k, v in timings.items()}
+    ff, fb = case.flops_forward, case.flops_backward
+    return {
+        "name": case.name, "shape": case.describe(), "N": case.N, "C": case.C, "F": case.F,
+        "H": case.H, "W": case.W, "K": case.K, "padding": case.P, "count": case.count,
+        "flops_forward": ff, "flops_backward": fb,
+        "rel_err": errors,
+        "seconds": med,
+        "timings": {k: v.to_dict() for k, v in timings.items()},
+        "ratio": {part: med[f"minivgg_{part}"] / med[f"torch_{part}"] for part in ("forward", "backward", "total")},
+        "gflops": {
+            "minivgg_forward": ff / med["minivgg_forward"] / 1e9,
+            "torch_forward": ff / med["torch_forward"] / 1e9,
+            "minivgg_backward": fb / med["minivgg_backward"] / 1e9,
+            "torch_backward": fb / med["torch_backward"] / 1e9,
+            "minivgg_total": (ff + fb) / med["minivgg_total"] / 1e9,
+            "torch_total": (ff + fb) / med["torch_total"] / 1e9,
+        },
+    }
+
+
+def summarize(results: list[dict]) -> dict:
+    """Geometric-mean ratios over the layers, the worst layer, and the network total
+    (each shape weighted by how many of the network's convs have it)."""
+    out = {}
+    for part in ("forward", "backward", "total"):
+        out[f"geomean_ratio_{part}"] = common.geomean(r["ratio"][part] for r in results)
+    worst = max(results, key=lambda r: r["ratio"]["total"])
+    out["max_ratio_total"] = worst["ratio"]["total"]
+    out["max_ratio_layer"] = worst["name"]
+    mv = sum(r["count"] * r["seconds"]["minivgg_total"] for r in results)
+    tt = sum(r["count"] * r["seconds"]["torch_total"] for r in results)
+    out["network_seconds_minivgg_total"] = mv
+    out["network_seconds_torch_total"] = tt
+    out["network_ratio_total"] = mv / tt
+    return out
+
+
+def format_report(results: list[dict], summary: dict) -> str:
+    f, r = common.fmt_ms, common.fmt_ratio
+    worst = summary["max_ratio_layer"]
+    main = common.table(
+        ["layer", "N x C x H x W -> F", "minivgg ms", "torch ms", "ratio", "GFLOP/s minivgg", "GFLOP/s torch"],
+        [[x["name"] + (f" (x{x['count']})" if x["count"] > 1 else ""), x["shape"],
+          f(x["seconds"]["minivgg_total"]), f(x["seconds"]["torch_total"]),
+          r(x["ratio"]["total"]) + (" <- max" if x["name"] == worst else ""),
+          f"{x['gflops']['minivgg_total']:.1f}", f"{x['gflops']['torch_total']:.1f}"] for x in results],
+        align="llrrlrr")
+    parts = common.table(
+        ["layer", "fwd minivgg", "fwd torch", "ratio", "bwd minivgg", "bwd torch", "ratio",
+         "torch dx", "torch dW", "torch dx+dW"],
+        [[x["name"], f(x["seconds"]["minivgg_forward"]), f(x["seconds"]["torch_forward"]),
+          r(x["ratio"]["forward"]), f(x["seconds"]["minivgg_backward"]), f(x["seconds"]["torch_backward"]),
+          r(x["ratio"]["backward"]), f(x["seconds"]["torch_backward_dx"]), f(x["seconds"]["torch_backward_dw"]),
+          f(x["seconds"]["torch_backward_dx"] + x["seconds"]["torch_backward_dw"])] for x in results])
+    lines = [
+        "forward + backward (dx, dW, db), median ms per call; ratio = minivgg time / torch time "
+        "(above 1: minivgg is slower)",
+        main, "",
+        f"geometric mean ratio over {len(results)} layers: total {r(summary['geomean_ratio_total'])}, "
+        f"forward {r(summary['geomean_ratio_forward'])}, backward {r(summary['geomean_ratio_backward'])}",
+        f"max ratio: {r(summary['max_ratio_total'])} ({summary['max_ratio_layer']})",
+        f"network (the layers above, repeated shapes counted): minivgg "
+        f"{summary['network_seconds_minivgg_total'] * 1e3:.1f} ms, torch "
+        f"{summary['network_seconds_torch_total'] * 1e3:.1f} ms, ratio {r(summary['network_ratio_total'])}",
+        "",
+        "the parts, median ms (minivgg's backward makes dx, dW, db in one call; torch's bwd is the one "
+        "autograd call that does the same; dx and dW alone are shown for torch only)",
+        parts,
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] + "\n\n" + textwrap.fill(TORCH_METHOD, 92),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=textwrap.fill(
+            "Every shape is checked first (float32: output and gradients within rel err 1e-4 of "
+            "torch, as max|a-b|/max|b|); the script stops if they are not. Each timing is the "
+            "median of --repeats after --warmup calls, with the device synchronised around each; "
+            "the minivgg and torch timings of a layer are interleaved round by round, so a burst "
+            "of load from elsewhere hits both alike. GFLOP/s counts 2*N*F*C*KH*KW*OH*OW for the "
+            "forward and twice that for the backward. On the GPU TF32 is off on both sides unless "
+            "--tf32 (CuPy reads CUPY_TF32 from the environment, which this script sets before "
+            "importing CuPy); torch keeps its default cudnn.benchmark=False.", 92))
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                   help="cpu: NumPy vs torch CPU; gpu: CuPy vs torch CUDA (default: cpu)")
+    p.add_argument("--vgg16-224", action="store_true",
+                   help="VGG-16's convs on 224x224 images instead of VGG-11's on 32x32")
+    p.add_argument("--batch", type=int, default=None,
+                   help="batch size N (default: 64 for VGG-11 @ 32x32, 4 for --vgg16-224)")
+    p.add_argument("--layers", default=None,
+                   help="comma-separated layer names to run, e.g. conv1,conv4 (default: all)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (default 1)")
+    p.add_argument("--min-time", type=float, default=None,
+                   help="seconds a timed repeat should last at least; shorter calls are looped and "
+                        "averaged (default: 0.02 on the CPU, 0.05 on the GPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads(N), and the same for NumPy's BLAS "
+                        "(default: each library's default, one thread per core)")
+    p.add_argument("--tf32", action="store_true",
+                   help="allow TF32 in float32 matmuls/convs on the GPU for both CuPy and torch "
+                        "(default off; the check tolerance becomes 1e-2)")
+    p.add_argument("--tol", type=float, default=None, help="override the check's tolerance")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="FILE", default=None, help="write every figure and the machine info here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    args = p.parse_args(argv)
+    if args.batch is None:
+        args.batch = 4 if args.vgg16_224 else 64
+    if args.min_time is None:
+        args.min_time = 0.02 if args.device == "cpu" else 0.05
+    if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
+        p.error("--batch and --repeats must be >= 1, --warmup >= 0")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.device == "gpu":
+        common.require_gpu()
+        backend.get_xp("gpu")
+    tf32 = common.set_torch_tf32(args.tf32)
+    threads_note = common.set_threads(args.threads)
+    tol = args.tol if args.tol is not None else (TOL_TF32 if args.tf32 else TOL_FP32)
+
+    cases = vgg16_224_cases(args.batch) if args.vgg16_224 else vgg11_32_cases(args.batch)
+    if args.layers:
+        wanted = [s.strip() for s in args.layers.split(",") if s.strip()]
+        unknown = sorted(set(wanted) - {c.name for c in cases})
+        if unknown:
+            raise SystemExit(f"--layers: unknown {unknown}; choose from {[c.name for c in cases]}")
+        cases = [c for c in cases if c.name in wanted]
+
+    info = common.machine_info(args.device)
+    net = "VGG-16 convs @ 224x224" if args.vgg16_224 else "VGG-11 convs @ 32x32"
+    print(common.header(info, f"{threads_note}; TF32 {'on' if args.tf32 else 'off'}"))
+    print(f"benchmark: {net}, batch {args.batch}, float32, device {args.device}, median of "
+          f"{args.repeats} interleaved repeats after {args.warmup} warm-up, check tolerance {tol:g}")
+    print(textwrap.fill(TORCH_METHOD, 100))
+    print(flush=True)
+
+    progress = common.Progress(total=(1 + args.repeats) * len(cases), desc="conv_speed",
+                               enabled=not args.no_progress)
+    results = []
+    try:
+        for case in cases:
+            results.append(bench_case(case, args.device, args.repeats, args.warmup, args.min_time, tol,
+                                      args.seed, progress))
+    except common.MismatchError as e:
+        progress.close()
+        raise SystemExit(f"check failed, nothing timed further: {e}")
+    progress.close()
+    summary = summarize(results)
+    print(format_report(results, summary))
+
+    payload = {"benchmark": "conv_speed", "network": net, "batch": args.batch, "device": args.device,
+               "dtype": "float32", "repeats": args.repeats, "warmup": args.warmup, "min_time": args.min_time,
+               "tolerance": tol, "tf32": tf32, "threads": args.threads, "threads_note": threads_note,
+               "method": TORCH_METHOD, "machine": info, "layers": results, "summary": summary}
+    if args.json:
+        common.write_json(args.json, payload)
+        print(f"\nwrote {args.json}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,474 @@
+"""How many images per second does a whole minivgg training step process, against the same
+network trained by PyTorch, and how much memory does each need?
+
+One step = forward, softmax cross-entropy, backward, Adam update, on a fixed random batch:
+  (a) VGG-11 on 32x32 images (Fashion-MNIST-like: 10 classes, 1 channel), batch 64, with the
+      head pool_size=1 and hidden widths (512, 512); --batch-norm for VGG-11-BN;
+  (b) d2l's VGG-11 (every conv width divided by 4) on 224x224, classic 4096-4096 head.
+The PyTorch model is minivgg.models.torch_interop.to_torch(model): the same layers and weights,
+trained by torch.optim.Adam. Before timing, both must give the same logits and loss on the
+first step from the same weights (dropout off for that check), and gradients that agree.
+
+    PYTHONPATH=. python benchmarks/train_speed.py                      # both models, CPU
+    PYTHONPATH=. python benchmarks/train_speed.py --models vgg11-32 --batch-norm --json out.json
+    PYTHONPATH=. python benchmarks/train_speed.py --device gpu         # CuPy vs PyTorch CUDA
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import multiprocessing as mp
+import os
+import resource
+import sys
+import textwrap
+import time
+import traceback
+
+try:
+    from benchmarks import common
+except ImportError:  # run as `python benchmarks/train_speed.py` without PYTHONPATH=.: add the repo root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks import common
+
+# Before minivgg imports CuPy: TF32 stays off for float32 unless --tf32 (see common).
+common.set_cupy_tf32_env("--tf32" in sys.argv[1:])
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import minivgg  # noqa: E402
+from minivgg import backend  # noqa: E402
+from minivgg.layers import Dropout  # noqa: E402
+from minivgg.losses import SoftmaxCrossEntropy  # noqa: E402
+from minivgg.models import build_model  # noqa: E402
+from minivgg.models.torch_interop import to_torch  # noqa: E402
+from minivgg.optim import Adam  # noqa: E402
+
+TOL_FP32 = 1e-4   # rel err of the loss, float32
+TOL_TF32 = 1e-2   # with --tf32 both sides round matmul inputs to 10 mantissa bits
+GRAD_TOL = 0.1    # gradients after step 1: a loose gate against a broken backward (see check_first_step)
+LR = 1e-3
+
+MEMORY_METHOD = {
+    "cpu": ("peak host memory of a fresh subprocess per framework (multiprocessing 'spawn'): "
+            "VmHWM from /proc/self/status after the timed steps minus VmRSS after the imports, "
+            "the high-water mark having been reset (echo 5 > /proc/self/clear_refs) once the "
+            "model, optimizer and batch were built; so it counts weights, gradients, Adam state, "
+            "batch, activations and workspace, not the interpreter and libraries"),
+    "gpu": ("minivgg: the peak of bytes in use in CuPy's memory pool during one step, tracked "
+            "allocation by allocation with a cupy.cuda.MemoryHook (the pool's total_bytes() "
+            "high-water mark, which also counts cached free blocks, is in the JSON); torch: "
+            "torch.cuda.max_memory_allocated() over the timed steps (max_memory_reserved in the "
+            "JSON). Each framework runs in its own subprocess; both count weights, gradients, "
+            "Adam state, batch, activations and workspace"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The two workloads
+# ---------------------------------------------------------------------------------------------
+def vgg11_32_config(batch: int = 64, in_channels: int = 1, batch_norm: bool = False) -> dict:
+    """(a) VGG-11 on 32x32, 10 classes: pool_size=1 head with hidden widths (512, 512)."""
+    return {"name": "VGG-11-BN @ 32x32" if batch_norm else "VGG-11 @ 32x32", "key": "vgg11-32",
+            "batch": batch, "image": 32,
+            "model": {"arch": "vgg11_bn" if batch_norm else "vgg11", "num_classes": 10,
+                      "in_channels": in_channels, "width_ratio": 1, "head": "classic",
+                      "hidden": [512, 512], "pool_size": 1, "dropout": 0.5, "init": "kaiming"}}
+
+
+def d2l_224_config(batch: int = 16, in_channels: int = 1) -> dict:
+    """(b) d2l's VGG-11: conv widths / 4 (16..128), 224x224, classic head 4096-4096, Xavier init."""
+    return {"name": "d2l VGG-11 (width/4) @ 224x224", "key": "d2l-224", "batch": batch, "image": 224,
+            "model": {"arch": "vgg11", "num_classes": 10, "in_channels": in_channels, "width_ratio": 4,
+                      "head": "classic", "hidden": [4096, 4096], "pool_size": 7, "dropout": 0.5,
+                      "init": "xavier"}}
+
+
+def make_batch(config: dict, seed: int = 0):
+    """A fixed float32 batch (N, C, S, S) ~ N(0, 1) and int64 labels (N,), on the host."""
+    rng = np.random.default_rng(seed + 1)
+    m = config["model"]
+    x = rng.standard_normal((config["batch"], m["in_channels"], config["image"], config["image"]),
+                            dtype=np.float32)
+    y = rng.integers(0, m["num_classes"], size=config["batch"], dtype=np.int64)
+    return x, y
+
+
+def build_minivgg(config: dict, seed: int = 0):
+    minivgg.seed(seed)
+    return build_model(dict(config["model"]))
+
+
+def torch_device(device: str) -> torch.device:
+    return torch.device("cpu" if device == "cpu" else "cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# One training step in each framework
+# ---------------------------------------------------------------------------------------------
+def minivgg_step_fn(model, x, y, lr: float = LR):
+    """A callable running one minivgg step; returns the loss (a 0-d array on the device)."""
+    opt = Adam(model, lr=lr)
+    loss_fn = SoftmaxCrossEntropy()
+
+    def step():
+        logits = model.forward(x)                 # (N, K)
+        loss = loss_fn(logits, y)
+        model.backward(loss_fn.backward())        # fills every layer's grads
+        opt.step()
+        return loss
+    return step
+
+
+def torch_step_fn(model, x, y, lr: float = LR):
+    """A callable running one torch step (torch.optim.Adam, its default implementation)."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+    return step
+
+
+def dropout_off(mv_model=None, torch_model=None) -> None:
+    """p = 0 in every Dropout, so both frameworks compute the same deterministic function."""
+    if mv_model is not None:
+        for _, m in mv_model.modules():
+            if isinstance(m, Dropout):
+                m.p = 0.0
+    if torch_model is not None:
+        for m in torch_model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+
+
+def check_first_step(config: dict, device: str = "cpu", tol: float = TOL_FP32, seed: int = 0,
+                     grad_tol: float = GRAD_TOL) -> dict:
+    """Build both models from the same weights, dropout off, and run one step in each.
+
+    Gate 1 (what the timings rest on): the logits, as max|a-b|/max|b|, and the losses agree
+    within rel err `tol`. The logits matter: with the default init (classifier weights
+    ~ N(0, 0.01^2)) the first loss is log(K) to about 4 digits whatever the features compute.
+    Gate 2 (catches a broken backward, which the loss alone cannot): every parameter's
+    gradient agrees within `grad_tol`, measured as max|a-b| / max(max|b|, 1e-3 * the largest
+    gradient entry of the model). The gate is loose because float32 rounding differences grow
+    through ReLU kinks and BatchNorm's cancelling sums (a few 1e-3, up to ~2e-2 with BN at small
+    batches; in float64 the two agree to 1e-14); a wrong backward is off by O(1).
+    Later steps are not compared: Adam's first update, lr * g / (|g| + eps), turns rounding-level
+    differences in tiny gradients into differences of lr, so losses drift apart by design.
+    """
+    mv = build_minivgg(config, seed)
+    dropout_off(mv)
+    twin = to_torch(mv).to(torch_device(device))
+    mv.to(device)
+    x, y = make_batch(config, seed)
+    what = f"{config['name']}, batch {config['batch']}"
+    logits_err = common.check_close(
+        {"logits": (mv.forward(backend.to_device(x, device)),
+                    twin(torch.from_numpy(x).to(torch_device(device))).detach())}, tol, what)["logits"]
+    mv_loss = float(backend.to_numpy(minivgg_step_fn(mv, backend.to_device(x, device),
+                                                     backend.to_device(y, device))()))
+    t_loss = float(torch_step_fn(twin, torch.from_numpy(x).to(torch_device(device)),
+                                 torch.from_numpy(y).to(torch_device(device)))().item())
+    loss_err = common.check_close({"loss of step 1": (np.float64(mv_loss), np.float64(t_loss))}, tol, what)
+    tgrads = {name: p.grad for name, p in twin.named_parameters()}
+    pairs = {name: (g, tgrads[name]) for name, _, g in mv.named_parameters()}
+    floor = 1e-3 * max(float(g.abs().max()) for g in tgrads.values())
+    grad_err = common.check_close(pairs, grad_tol, what + " (gradients after step 1)", floor=floor)
+    worst = max(grad_err, key=grad_err.get)
+    return {"logits_rel_err": logits_err,
+            "loss_minivgg": mv_loss, "loss_torch": t_loss, "loss_rel_err": loss_err["loss of step 1"],
+            "grad_max_rel_err": grad_err[worst], "grad_worst": worst, "grad_rel_err": grad_err}
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------------------------
+def _proc_status_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024          # the kernel reports kB
+    except OSError:
+        pass
+    return None
+
+
+def _ru_maxrss_bytes() -> int:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024          # bytes on macOS, KiB on Linux
+
+
+def reset_host_peak() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0); False if not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def cupy_peak_used_bytes(step) -> int:
+    """Run step() once and return the most bytes CuPy's pool had in use at any moment."""
+    cupy = backend.cupy
+    pool = cupy.get_default_memory_pool()
+
+    class PeakHook(cupy.cuda.MemoryHook):
+        name = "benchmarks_peak_used"
+
+        def __init__(self):
+            super().__init__()
+            self.now = self.peak = pool.used_bytes()
+
+        def malloc_postprocess(self, **kw):
+            self.now += kw["mem_size"]
+            self.peak = max(self.peak, self.now)
+
+        def free_postprocess(self, **kw):
+            self.now -= kw["mem_size"]
+
+    hook = PeakHook()
+    with hook:
+        step()
+        backend.synchronize()
+    return hook.peak
+
+
+# ---------------------------------------------------------------------------------------------
+# The timed run, in a fresh process per framework
+# ---------------------------------------------------------------------------------------------
+def time_training(framework: str, config: dict, device: str = "cpu", steps: int = 5, warmup: int = 2,
+                  seed: int = 0, threads: int | None = None, tf32: bool = False) -> dict:
+    """Build the model, run warmup + steps training steps, time each (device synchronised),
+    and measure peak memory. Meant to run in its own process (see run_isolated)."""
+    if framework not in ("minivgg", "torch"):
+        raise ValueError(f"framework must be 'minivgg' or 'torch', got {framework!r}")
+    os.environ["CUPY_TF32"] = "1" if tf32 else "0"   # CuPy reads it at its first float32 matmul
+    common.set_torch_tf32(tf32)
+    common.set_threads(threads)
+    if device == "gpu":
+        backend.get_xp("gpu")
+    gc.collect()
+    base_rss = _proc_status_bytes("VmRSS")
+    base_ru = _ru_maxrss_bytes()
+
+    mv = build_minivgg(config, seed)
+    x, y = make_batch(config, seed)
+    if framework == "torch":
+        tdev = torch_device(device)
+        model = to_torch(mv).to(tdev)
+        del mv                                        # the twin holds its own copy of the weights
+        step = torch_step_fn(model, torch.from_numpy(x).to(tdev), torch.from_numpy(y).to(tdev))
+    else:
+        model = mv.to(device)
+        step = minivgg_step_fn(model, backend.to_device(x, device), backend.to_device(y, device))
+    gc.collect()
+    if device == "gpu" and framework == "torch":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    hwm_reset = reset_host_peak()
+
+    pool = backend.cupy.get_default_memory_pool() if device == "gpu" else None
+    pool_high = 0
+    times, losses = [], []
+    for i in range(warmup + steps):
+        common.synchronize(device)
+        t0 = time.perf_counter()
+        loss = step()
+        common.synchronize(device)
+        dt = time.perf_counter() - t0
+        if i >= warmup:
+            times.append(dt)
+        if pool is not None:
+            pool_high = max(pool_high, pool.total_bytes())
+        losses.append(float(loss.item()) if framework == "torch" else float(backend.to_numpy(loss)))
+    if not all(np.isfinite(losses)):
+        raise FloatingPointError(f"{framework}: non-finite loss during the timed steps: {losses}")
+
+    mem = {}
+    if device == "cpu":
+        hwm = _proc_status_bytes("VmHWM")
+        if hwm is not None and base_rss is not None:
+            mem["peak_bytes"] = hwm - base_rss
+            mem["method"] = "VmHWM - VmRSS after imports" + ("" if hwm_reset else " (VmHWM not reset)")
+        else:   # no /proc (not Linux): the process's lifetime peak minus the one after imports
+            mem["peak_bytes"] = _ru_maxrss_bytes() - base_ru
+            mem["method"] = "ru_maxrss - ru_maxrss after imports"
+        mem["process_peak_rss_bytes"] = _ru_maxrss_bytes()
+    elif framework == "torch":
+        mem["peak_bytes"] = int(torch.cuda.max_memory_allocated())
+        mem["reserved_peak_bytes"] = int(torch.cuda.max_memory_reserved())
+        mem["method"] = "torch.cuda.max_memory_allocated"
+    else:
+        mem["peak_bytes"] = int(cupy_peak_used_bytes(step))
+        mem["pool_total_high_water_bytes"] = int(max(pool_high, pool.total_bytes()))
+        mem["method"] = "CuPy pool bytes in use, peak within one step (MemoryHook)"
+
+    t = common.Timing(median=float(np.median(times)), min=min(times), max=max(times), times=times)
+    return {"framework": framework, "device": device, "batch": config["batch"],
+            "step": t.to_dict(), "images_per_second": config["batch"] / t.median,
+            "losses": losses, "memory": mem, "pid": os.getpid()}
+
+
+def _child(queue, kwargs) -> None:
+    try:
+        queue.put(("ok", time_training(**kwargs)))
+    except BaseException:   # report anything, even SystemExit, to the parent
+        queue.put(("error", traceback.format_exc()))
+
+
+def run_isolated(**kwargs) -> dict:
+    """time_training(**kwargs) in a fresh 'spawn' subprocess, so its peak memory is its own."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(queue, kwargs))
+    proc.start()
+    try:
+        status, payload = queue.get()
+    finally:
+        proc.join()
+    if status != "ok":
+        raise RuntimeError(f"the {kwargs.get('framework')} timing subprocess failed:\n{payload}")
+    return payload
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+def summarize(config: dict, check: dict, mv: dict, tt: dict) -> dict:
+    return {"name": config["name"], "key": config["key"], "batch": config["batch"], "image": config["image"],
+            "model": config["model"], "check": check, "minivgg": mv, "torch": tt,
+            "ratio_time": mv["step"]["median"] / tt["step"]["median"],
+            "ratio_memory": (mv["memory"]["peak_bytes"] / tt["memory"]["peak_bytes"]
+                             if tt["memory"]["peak_bytes"] > 0 else float("nan"))}
+
+
+def format_report(results: list[dict], device: str) -> str:
+    mib = 2.0 ** 20
+    rows = [[r["name"], r["batch"],
+             f"{r['minivgg']['images_per_second']:.1f}", f"{r['torch']['images_per_second']:.1f}",
+             common.fmt_ratio(r["ratio_time"]),
+             common.fmt_ms(r["minivgg"]["step"]["median"]), common.fmt_ms(r["torch"]["step"]["median"]),
+             f"{r['minivgg']['memory']['peak_bytes'] / mib:.0f}",
+             f"{r['torch']['memory']['peak_bytes'] / mib:.0f}"]
+            for r in results]
+    checks = "; ".join(f"{r['name']}: logits rel err {r['check']['logits_rel_err']:.1e}, loss "
+                       f"{r['check']['loss_rel_err']:.1e}, max gradient {r['check']['grad_max_rel_err']:.1e} "
+                       f"({r['check']['grad_worst']})" for r in results)
+    lines = ["one training step (forward, loss, backward, Adam), median over the timed steps; "
+             "ratio = minivgg step time / torch step time (above 1: minivgg is slower)",
+             common.table(["model", "batch", "minivgg img/s", "torch img/s", "ratio", "minivgg ms/step",
+                           "torch ms/step", "peak MiB minivgg", "peak MiB torch"], rows),
+             "",
+             textwrap.fill(f"check (same weights, dropout off, one step): {checks}", 100),
+             textwrap.fill(f"memory: {MEMORY_METHOD[device]}", 100)]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n    PYTHONPATH")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=textwrap.fill(
+            "Each framework is timed in its own fresh subprocess (so its peak memory is its "
+            "own), after --warmup untimed steps; the report gives the median step. On the GPU "
+            "every step is bracketed by device synchronisations and TF32 is off on both sides "
+            "unless --tf32 (CuPy reads CUPY_TF32 from the environment, which this script sets "
+            "before importing CuPy). Memory on the CPU: " + MEMORY_METHOD["cpu"] + ". On the GPU: "
+            + MEMORY_METHOD["gpu"] + ".", 92))
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                   help="cpu: NumPy vs torch CPU; gpu: CuPy vs torch CUDA (default: cpu)")
+    p.add_argument("--models", choices=("all", "vgg11-32", "d2l-224"), default="all",
+                   help="which workload(s) to run (default: all)")
+    p.add_argument("--batch", type=int, default=64, help="batch for VGG-11 @ 32x32 (default 64)")
+    p.add_argument("--d2l-batch", type=int, default=None,
+                   help="batch for d2l's VGG-11 @ 224x224 (default: 16 on the CPU, 128 on the GPU)")
+    p.add_argument("--in-channels", type=int, default=1, choices=(1, 3),
+                   help="input channels: 1 as Fashion-MNIST (default), 3 for RGB")
+    p.add_argument("--batch-norm", action="store_true",
+                   help="VGG-11-BN (BatchNorm after every conv) for the 32x32 workload")
+    p.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported (default 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads(N), and the same for NumPy's BLAS "
+                        "(default: each library's default, one thread per core)")
+    p.add_argument("--tf32", action="store_true",
+                   help="allow TF32 in float32 matmuls/convs on the GPU for both CuPy and torch "
+                        "(default off; the loss check tolerance becomes 1e-2)")
+    p.add_argument("--grad-tol", type=float, default=GRAD_TOL,
+                   help=f"tolerance of the gradient check after step 1 (default {GRAD_TOL}; see the docs "
+                        "of check_first_step for why it is loose)")
+    p.add_argument("--tol", type=float, default=None, help="override the loss check's tolerance")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="FILE", default=None, help="write every figure and the machine info here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    args = p.parse_args(argv)
+    if args.d2l_batch is None:
+        args.d2l_batch = 16 if args.device == "cpu" else 128
+    if min(args.batch, args.d2l_batch, args.steps) < 1 or args.warmup < 0:
+        p.error("--batch, --d2l-batch and --steps must be >= 1, --warmup >= 0")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.device == "gpu":
+        common.require_gpu()
+        backend.get_xp("gpu")
+    tf32 = common.set_torch_tf32(args.tf32)
+    threads_note = common.set_threads(args.threads)
+    tol = args.tol if args.tol is not None else (TOL_TF32 if args.tf32 else TOL_FP32)
+    configs = []
+    if args.models in ("all", "vgg11-32"):
+        configs.append(vgg11_32_config(args.batch, args.in_channels, args.batch_norm))
+    if args.models in ("all", "d2l-224"):
+        configs.append(d2l_224_config(args.d2l_batch, args.in_channels))
+
+    info = common.machine_info(args.device)
+    print(common.header(info, f"{threads_note}; TF32 {'on' if args.tf32 else 'off'}"))
+    print(f"benchmark: training step, float32, device {args.device}, median of {args.steps} steps "
+          f"after {args.warmup} warm-up, each framework in its own subprocess; loss check tolerance {tol:g}")
+    print(flush=True)
+
+    progress = common.Progress(total=3 * len(configs), desc="train_speed", enabled=not args.no_progress)
+    results = []
+    for config in configs:
+        progress.step(f"{config['key']}: checking the losses agree")
+        try:
+            check = check_first_step(config, args.device, tol, args.seed, args.grad_tol)
+        except common.MismatchError as e:
+            progress.close()
+            raise SystemExit(f"check failed, nothing timed: {e}")
+        gc.collect()
+        timed = {}
+        for fw in ("minivgg", "torch"):
+            progress.step(f"{config['key']}: timing {fw} ({args.warmup}+{args.steps} steps, subprocess)")
+            timed[fw] = run_isolated(framework=fw, config=config, device=args.device, steps=args.steps,
+                                     warmup=args.warmup, seed=args.seed, threads=args.threads,
+                                     tf32=args.tf32)
+        results.append(summarize(config, check, timed["minivgg"], timed["torch"]))
+    progress.close()
+    print(format_report(results, args.device))
+
+    payload = {"benchmark": "train_speed", "device": args.device, "dtype": "float32", "steps": args.steps,
+               "warmup": args.warmup, "tolerance": tol, "tf32": tf32, "threads": args.threads,
+               "threads_note": threads_note, "optimizer": {"name": "Adam", "lr": LR},
+               "memory_method": MEMORY_METHOD[args.device], "machine": info, "results": results}
+    if args.json:
+        common.write_json(args.json, payload)
+        print(f"\nwrote {args.json}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

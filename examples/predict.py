@@ -1,0 +1,104 @@
+"""Classify image files with a trained minivgg checkpoint: the top-5 classes and their probabilities.
+
+    PYTHONPATH=. python examples/predict.py --checkpoint runs/vgg11_bn-fashion-mnist/best.npz shirt.jpg boot.png
+
+The checkpoint carries everything needed: the model's config (rebuilt with build_model), its
+weights, the class names, the image size and channels, and the normalisation statistics.
+Images of any size and mode (RGBA, palette, 16-bit, grayscale JPEG ...) are converted and resized.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+try:
+    import minivgg  # noqa: F401
+except ImportError:  # run from a checkout without PYTHONPATH=. or pip install -e .
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+EPILOG = """\
+examples:
+  python examples/predict.py --checkpoint runs/vgg11_bn-fashion-mnist/best.npz photo.jpg
+  python examples/predict.py --checkpoint best.npz --top 3 --device gpu *.png
+
+exit status: 0 done, 2 bad input (checkpoint or image).
+"""
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="predict.py", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Print the most likely classes of each image under a trained "
+                                            "minivgg checkpoint (from examples/train_vgg11.py).")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a best.npz or last.npz")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files of any size and mode")
+    p.add_argument("--top", type=int, default=5, metavar="K", help="how many classes to show (default 5)")
+    p.add_argument("--device", default="cpu", help="cpu, gpu or gpu:N (default cpu)")
+    return p
+
+
+class Predictor:
+    """A model rebuilt from a checkpoint, with the preprocessing it was trained with."""
+
+    def __init__(self, path, device="cpu"):
+        from minivgg.models import build_model
+        from minivgg.train import CheckpointError, load_checkpoint, restore
+        ckpt = load_checkpoint(path)
+        extra = ckpt["extra"]
+        if not ckpt["config"]:
+            raise CheckpointError(f"{path}: holds no model config, so the model cannot be rebuilt")
+        for key in ("image_size", "channels", "normalize"):
+            if key not in extra:
+                raise CheckpointError(f"{path}: holds no '{key}' (it was not written by train_vgg11.py)")
+        self.model = build_model(ckpt["config"])
+        restore(ckpt, self.model)
+        self.model.to(device).eval()
+        self.device = device
+        self.image_size = tuple(extra["image_size"])
+        self.channels = int(extra["channels"])
+        self.mean = np.asarray(extra["normalize"]["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
+        self.std = np.asarray(extra["normalize"]["std"], dtype=np.float32).reshape(1, -1, 1, 1)
+        K = ckpt["config"]["num_classes"]
+        self.classes = extra.get("class_names") or [str(k) for k in range(K)]
+
+    def preprocess(self, paths) -> np.ndarray:
+        """Files -> the float32 (N, C, H, W) batch the model was trained on."""
+        from minivgg.data import load_image
+        images = np.stack([load_image(p, self.image_size, self.channels) for p in paths])  # (N, C, H, W)
+        x = images.astype(np.float32) / np.float32(255)
+        return (x - self.mean) / self.std
+
+    def probabilities(self, paths) -> np.ndarray:
+        """(N, K) softmax probabilities."""
+        from minivgg import backend
+        from minivgg.train import softmax
+        x = backend.to_device(self.preprocess(paths), self.device)
+        logits = backend.to_numpy(self.model.forward(x)).astype(np.float64)     # (N, K)
+        return softmax(logits)
+
+
+def main(argv=None) -> int:
+    args = make_parser().parse_args(argv)
+    from minivgg.train import CheckpointError
+    try:
+        if args.top < 1:
+            raise ValueError(f"--top must be >= 1, got {args.top}")
+        predictor = Predictor(args.checkpoint, args.device)
+        probs = predictor.probabilities(args.images)
+    except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+    k = min(args.top, probs.shape[1])
+    width = max(len(c) for c in predictor.classes)
+    for path, p in zip(args.images, probs):
+        print(path)
+        for rank, c in enumerate(np.argsort(-p, kind="stable")[:k], start=1):
+            print(f"  {rank}. {predictor.classes[c]:<{width}}  {p[c]:7.2%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""Training: the loop (Trainer), checkpoints that resume exactly, metrics, and plots.
+
+Reading order: metrics (what is measured), checkpoint (what is saved and how),
+trainer (the loop that ties them to a model, an optimizer and data loaders), plots.
+"""
+from .checkpoint import (FORMAT_VERSION, CheckpointError, check_compatible, load_checkpoint, restore,
+                         restore_rng_state, save_checkpoint)
+from .metrics import (confusion_matrix, evaluate, per_class_accuracy, softmax, topk_accuracy,
+                      topk_correct)
+from .plots import plot_confusion, plot_history, plot_image_grid
+from .trainer import NonFiniteLossError, Trainer, freeze_features
+
+__all__ = ["Trainer", "NonFiniteLossError", "freeze_features", "evaluate", "save_checkpoint",
+           "load_checkpoint", "restore", "restore_rng_state", "check_compatible", "CheckpointError",
+           "FORMAT_VERSION", "confusion_matrix", "per_class_accuracy", "softmax", "topk_accuracy",
+           "topk_correct", "plot_history", "plot_confusion", "plot_image_grid"]

@@ -1,0 +1,127 @@
+"""Pictures of a run: loss and accuracy curves, the confusion matrix, grids of predictions.
+
+Figures are drawn with matplotlib's object API on an Agg canvas (no pyplot, no window,
+no global backend switch), so plotting works on a headless server and inside tests.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _figure(width, height):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return path
+
+
+def _series(history, key):
+    xs = [h["epoch"] for h in history if h.get(key) is not None]
+    ys = [h[key] for h in history if h.get(key) is not None]
+    return xs, ys
+
+
+def plot_history(history: list[dict], path) -> Path:
+    """Loss (left) and accuracy (right) per epoch, train and validation."""
+    from matplotlib.ticker import MaxNLocator
+    fig = _figure(11, 4)
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    for ax, keys, title in ((ax_loss, (("train_loss", "train"), ("val_loss", "validation")), "loss"),
+                            (ax_acc, (("train_acc", "train"), ("val_top1", "validation top-1"),
+                                      ("val_top5", "validation top-5")), "accuracy")):
+        for key, label in keys:
+            xs, ys = _series(history, key)
+            if xs:
+                ax.plot(xs, ys, marker="o", markersize=4, label=label,
+                        linestyle=":" if key == "val_top5" else "-")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        ax.ticklabel_format(axis="y", useOffset=False)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    ax_acc.set_ylim(0, 1.02)
+    if history:
+        epochs = [h["epoch"] for h in history]
+        ax_loss.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+        ax_acc.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+    return _save(fig, path)
+
+
+def plot_confusion(confusion: np.ndarray, class_names, path, title="confusion matrix") -> Path:
+    """Row-normalised confusion matrix (rows: true class) with counts written in each cell."""
+    confusion = np.asarray(confusion)
+    K = confusion.shape[0]
+    names = list(class_names) if class_names is not None else [str(i) for i in range(K)]
+    totals = confusion.sum(axis=1, keepdims=True)
+    frac = confusion / np.maximum(totals, 1)                            # (K, K)
+    side = max(4.5, 0.6 * K + 2)
+    fig = _figure(side + 1, side)
+    ax = fig.subplots()
+    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    ax.set_xticks(range(K))
+    ax.set_yticks(range(K))
+    ax.set_xticklabels(names, rotation=45, ha="right")
+    ax.set_yticklabels(names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    acc = np.trace(confusion) / max(confusion.sum(), 1)
+    ax.set_title(f"{title} (accuracy {acc:.1%})")
+    if K <= 20:
+        for i in range(K):
+            for j in range(K):
+                if confusion[i, j]:
+                    ax.text(j, i, str(confusion[i, j]), ha="center", va="center", fontsize=8,
+                            color="white" if frac[i, j] > 0.5 else "black")
+    return _save(fig, path)
+
+
+def to_display(images: np.ndarray, mean=None, std=None) -> np.ndarray:
+    """Normalised (M, C, H, W) -> displayable (M, H, W, C) in [0, 1], undoing Normalize."""
+    x = np.asarray(images, dtype=np.float64)
+    C = x.shape[1]
+    if mean is not None and std is not None:
+        m = np.asarray(mean, dtype=np.float64).reshape(1, -1, 1, 1)
+        s = np.asarray(std, dtype=np.float64).reshape(1, -1, 1, 1)
+        x = x * s + m
+    elif x.max() > 1.5:  # raw uint8-scale pixels
+        x = x / 255.0
+    x = np.clip(x, 0.0, 1.0).transpose(0, 2, 3, 1)                      # (M, H, W, C)
+    return x[..., 0] if C == 1 else x
+
+
+def plot_image_grid(images, labels, preds, probs, class_names, path, title="predictions",
+                    mean=None, std=None, ncols=8, max_images=32) -> Path:
+    """A grid of images, each captioned 'true / predicted (confidence)'; green right, red wrong."""
+    M = min(len(labels), max_images)
+    ncols = max(1, min(ncols, M))
+    nrows = max(1, -(-M // ncols))
+    fig = _figure(1.7 * ncols, 2.0 * nrows + 0.4)
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    shown = to_display(images[:M], mean, std) if M else None
+    names = list(class_names) if class_names is not None else None
+    name = (lambda k: names[k] if names and k < len(names) else str(k))
+    for i, ax in enumerate(axes):
+        ax.axis("off")
+        if i >= M:
+            continue
+        ax.imshow(shown[i], cmap="gray" if shown.ndim == 3 else None, vmin=0, vmax=1)
+        ok = labels[i] == preds[i]
+        ax.set_title(f"true: {name(int(labels[i]))}\npred: {name(int(preds[i]))} ({probs[i]:.0%})",
+                     fontsize=8, color="tab:green" if ok else "tab:red")
+    if M == 0:
+        axes[0].text(0.5, 0.5, "nothing to show", ha="center", va="center")
+    fig.suptitle(title)
+    return _save(fig, path)

@@ -1,0 +1,371 @@
+"""The training loop: micro-batches, gradient accumulation, evaluation, checkpoints, plots, resume.
+
+One optimizer step = forward + backward on `accum_steps` micro-batches, their gradients
+summed and scaled by 1/accum_steps (layers' backward overwrites grads, so the sum is kept
+here), optional clipping, then optimizer.step(). Each epoch ends with an evaluation, the
+history (JSON and CSV), the plots, last.npz and, when validation accuracy improves, best.npz.
+
+Resuming is exact on the CPU: a checkpoint stores the weights, optimizer and schedule state,
+the random generator, the epoch and the micro-batches already done in it; the loader's order
+is a function of (seed, epoch) through loader.set_epoch, so the resumed run draws the same
+batches, the same augmentation and the same dropout masks as one that never stopped.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ..losses import SoftmaxCrossEntropy
+from . import plots
+from .checkpoint import atomic_savez, checkpoint_arrays, load_checkpoint
+from .metrics import evaluate
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training hit a NaN or infinite loss (or gradient norm); nothing was saved after it."""
+
+    def __init__(self, what, value, epoch, step, batch, checkpoint):
+        self.what, self.value, self.epoch, self.step, self.batch = what, value, epoch, step, batch
+        self.checkpoint = checkpoint
+        kept = (f"the last good checkpoint {checkpoint} is untouched" if checkpoint and Path(checkpoint).exists()
+                else "no checkpoint had been written yet")
+        super().__init__(f"non-finite {what} ({value}) at epoch {epoch}, step {step} (batch {batch} of "
+                         f"the epoch): training stopped; {kept}. Try a lower --lr, --clip-norm, or "
+                         "BatchNorm (--bn)")
+
+
+def freeze_features(model, frozen: bool = True):
+    """Fix (or release) the convolutional trunk for fine-tuning: only the head trains.
+
+    Frozen layers are skipped by named_parameters(), so the optimizer leaves them alone.
+    Returns the number of trainable parameters left.
+    """
+    model.features.freeze(frozen)
+    return sum(int(p.size) for _, p, _ in model.named_parameters())
+
+
+def _trainable(model):
+    """(layer, key) for every trainable parameter, in named_parameters order."""
+    return [(m, k) for _, m in model.modules() if not m.frozen for k in m.params]
+
+
+class Trainer:
+    """Fit a model and keep everything a run leaves behind in `out_dir`.
+
+    out_dir receives last.npz (every epoch), best.npz (best validation top-1),
+    history.json / history.csv, eval.json (last confusion matrix and per-class accuracy)
+    and history.png, confusion.png, predictions.png, mistakes.png.
+
+    accum_steps   micro-batches per optimizer step (gradients averaged over them)
+    clip_norm     clip the global gradient norm to this value before each step
+    patience      stop after this many epochs without a better validation top-1
+    max_steps     stop after this many optimizer steps in total (checkpoint written)
+    extra         JSON-able dict stored in checkpoints (normalisation, image size ...)
+    plots         draw the PNGs after every epoch (keep_examples images per grid)
+    progress      show tqdm progress bars (loss, accuracy, lr, images/s)
+    checkpoints   write last.npz / best.npz (off for quick experiments)
+    device        'cpu' or 'gpu[:N]': the model is moved there; the loaders must yield
+                  arrays on the same device (DataLoader(device=...))
+    scheduler     a minivgg.optim schedule: step_batch() after every optimizer step
+                  (warmup), step() at the end of every epoch
+    loss_fn       the training loss (default SoftmaxCrossEntropy()); validation always
+                  reports plain cross-entropy, without label smoothing
+
+    Without a val_loader, best.npz follows the training accuracy.
+    """
+
+    def __init__(self, model, optimizer, train_loader, val_loader=None, loss_fn=None, scheduler=None,
+                 out_dir="runs/x", accum_steps=1, clip_norm=None, patience=None, class_names=None,
+                 device="cpu", max_steps=None, extra=None, plots=True, progress=True,
+                 keep_examples=32, checkpoints=True):
+        if int(accum_steps) < 1:
+            raise ValueError(f"Trainer: accum_steps must be >= 1, got {accum_steps}")
+        if patience is not None and int(patience) < 1:
+            raise ValueError(f"Trainer: patience must be >= 1 or None, got {patience}")
+        self.model = model.to(device) if device != "cpu" else model
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.loss_fn = loss_fn or SoftmaxCrossEntropy()
+        self.eval_loss_fn = SoftmaxCrossEntropy()   # validation loss without label smoothing
+        self.out_dir = Path(out_dir)
+        self.accum_steps, self.clip_norm = int(accum_steps), clip_norm
+        self.patience, self.max_steps = patience, max_steps
+        self.class_names = list(class_names) if class_names is not None else None
+        self.device, self.extra = device, dict(extra or {})
+        self.plots, self.progress, self.keep_examples = plots, progress, keep_examples
+        self.checkpoints = checkpoints
+        # where the run stands; all of it goes into checkpoints
+        self.epoch = 0                 # completed epochs
+        self.global_step = 0           # optimizer steps taken
+        self.batch_in_epoch = 0        # micro-batches done in the epoch under way
+        self.partial = self._fresh_partial()
+        self.history: list[dict] = []
+        self.best_metric = None
+        self.bad_epochs = 0
+        self.stop_reason = None
+        self.last_eval = None
+
+    # -- paths -------------------------------------------------------------------------
+    @property
+    def last_path(self) -> Path:
+        return self.out_dir / "last.npz"
+
+    @property
+    def best_path(self) -> Path:
+        return self.out_dir / "best.npz"
+
+    @staticmethod
+    def _fresh_partial():
+        return {"loss_sum": 0.0, "correct": 0, "seen": 0, "time": 0.0}
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def _arrays(self):
+        extra = dict(self.extra)
+        extra["class_names"] = self.class_names
+        extra["trainer"] = {"batch_in_epoch": self.batch_in_epoch, "partial": self.partial,
+                            "bad_epochs": self.bad_epochs, "accum_steps": self.accum_steps}
+        return checkpoint_arrays(self.model, self.optimizer, self.scheduler, epoch=self.epoch,
+                                 global_step=self.global_step, best_metric=self.best_metric,
+                                 history=self.history, extra=extra)
+
+    def save(self, path=None) -> Path:
+        """Write the whole run state (atomically) to `path`, default out_dir/last.npz."""
+        return atomic_savez(path or self.last_path, self._arrays())
+
+    def resume(self, path) -> dict:
+        """Restore model, optimizer, schedule, RNG and progress from a checkpoint."""
+        ckpt = load_checkpoint(path, self.model, self.optimizer, self.scheduler, restore_rng=True)
+        state = ckpt["extra"].get("trainer", {})
+        self.epoch, self.global_step = ckpt["epoch"], ckpt["global_step"]
+        self.history, self.best_metric = ckpt["history"], ckpt["best_metric"]
+        self.batch_in_epoch = int(state.get("batch_in_epoch", 0))
+        self.partial = dict(state.get("partial") or self._fresh_partial())
+        self.bad_epochs = int(state.get("bad_epochs", 0))
+        if self.class_names is None and ckpt["extra"].get("class_names"):
+            self.class_names = ckpt["extra"]["class_names"]
+        if self.batch_in_epoch % self.accum_steps:
+            raise ValueError(f"{path}: saved after {self.batch_in_epoch} micro-batches of an epoch, "
+                             f"not a multiple of accum_steps={self.accum_steps}; resume with the "
+                             "accumulation the run was saved with")
+        return ckpt
+
+    # -- one optimizer step ------------------------------------------------------------------
+    def _check_finite(self, what, value, batch):
+        if not math.isfinite(value):
+            raise NonFiniteLossError(what, value, epoch=self.epoch + 1, step=self.global_step + 1,
+                                     batch=batch, checkpoint=self.last_path if self.checkpoints else None)
+
+    def _micro_batch(self, x, y, batch):
+        """Forward + backward on one micro-batch; returns (loss, correct count)."""
+        logits = self.model.forward(x)                                  # (B, K)
+        loss = float(self.loss_fn(logits, y))
+        self._check_finite("loss", loss, batch)
+        self.model.backward(self.loss_fn.backward())
+        correct = int((logits.argmax(axis=1) == y).sum())
+        return loss, correct
+
+    def _accumulate(self, sums):
+        """Add this micro-batch's gradients (which the next backward overwrites) to `sums`."""
+        for i, (m, k) in enumerate(_trainable(self.model)):
+            g = m.grads.get(k)
+            if g is None:
+                continue
+            if i in sums:
+                sums[i] += g
+            else:
+                sums[i] = g.copy()
+
+    def _optimizer_step(self, sums, count, batch):
+        if count > 1:  # average the summed micro-batch gradients
+            for i, (m, k) in enumerate(_trainable(self.model)):
+                if i in sums:
+                    m.grads[k] = sums[i] * sums[i].dtype.type(1.0 / count)
+        if self.clip_norm is not None:
+            from ..optim import clip_grad_norm
+            norm = float(clip_grad_norm(self.model, self.clip_norm))
+            self._check_finite("gradient norm", norm, batch)
+        self.optimizer.step()
+        self.global_step += 1
+        if self.scheduler is not None and hasattr(self.scheduler, "step_batch"):
+            self.scheduler.step_batch()   # only a warmup moves per step
+
+    # -- an epoch ----------------------------------------------------------------------------
+    def _lr(self):
+        return float(getattr(self.optimizer, "lr", float("nan")))
+
+    def train_epoch(self, epoch_index: int, total_epochs: int) -> bool:
+        """Train one epoch (or what is left of it). Returns False if max_steps cut it short."""
+        loader = self.train_loader
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch_index)
+        self.model.train()
+        skip = self.batch_in_epoch
+        p = self.partial
+        sums, count = {}, 0
+        try:
+            total = len(loader)
+        except TypeError:
+            total = None
+        bar = tqdm(total=total, initial=skip, desc=f"epoch {epoch_index + 1}/{total_epochs}",
+                   disable=not self.progress, dynamic_ncols=True, leave=True, file=sys.stderr,
+                   unit="batch")
+        t0 = time.perf_counter()
+        try:
+            for i, (x, y) in enumerate(loader):
+                if i < skip:   # resumed mid-epoch: these were trained before the checkpoint
+                    continue
+                if self.max_steps is not None and self.global_step >= self.max_steps:
+                    p["time"] += time.perf_counter() - t0
+                    return False
+                loss, correct = self._micro_batch(x, y, batch=i + 1)
+                if self.accum_steps > 1:
+                    self._accumulate(sums)
+                count += 1
+                n = int(y.shape[0])
+                p["loss_sum"] += loss * n
+                p["correct"] += correct
+                p["seen"] += n
+                last = total is not None and i + 1 == total
+                if count == self.accum_steps or last:
+                    self._optimizer_step(sums, count, batch=i + 1)
+                    sums, count = {}, 0
+                    self.batch_in_epoch = i + 1
+                elapsed = p["time"] + time.perf_counter() - t0
+                bar.update(1)
+                bar.set_postfix(loss=f"{p['loss_sum'] / p['seen']:.4f}", acc=f"{p['correct'] / p['seen']:.3f}",
+                                lr=f"{self._lr():.2e}", img_s=f"{p['seen'] / max(elapsed, 1e-9):.0f}",
+                                refresh=False)
+            if count:  # a loader without len(): flush the last partial accumulation
+                self._optimizer_step(sums, count, batch=self.batch_in_epoch + count)
+        finally:
+            bar.close()
+        p["time"] += time.perf_counter() - t0
+        return True
+
+    def _evaluate(self, loader, desc):
+        it = tqdm(loader, desc=desc, disable=not self.progress, leave=False, file=sys.stderr,
+                  dynamic_ncols=True, unit="batch")
+        return evaluate(self.model, it, self.eval_loss_fn, keep_examples=self.keep_examples if self.plots else 0)
+
+    def _end_epoch(self, epoch_index: int) -> dict:
+        p = self.partial
+        row = {"epoch": epoch_index + 1, "steps": self.global_step, "lr": self._lr(),
+               "train_loss": p["loss_sum"] / max(p["seen"], 1), "train_acc": p["correct"] / max(p["seen"], 1),
+               "time_s": p["time"], "images_per_s": p["seen"] / max(p["time"], 1e-9)}
+        if self.val_loader is not None:
+            ev = self._evaluate(self.val_loader, f"eval {epoch_index + 1}")
+            self.last_eval = ev
+            row.update(val_loss=ev["loss"], val_top1=ev["top1"], val_top5=ev["top5"],
+                       val_per_class=[None if math.isnan(a) else float(a) for a in ev["per_class"]])
+        return row
+
+    # -- the run -----------------------------------------------------------------------------
+    def fit(self, epochs: int, resume=None) -> list[dict]:
+        """Train until `epochs` epochs are complete in total (a resumed run counts the old ones).
+
+        Returns the history. Sets .stop_reason to 'completed', 'early_stopping' or 'max_steps'.
+        Raises NonFiniteLossError on a NaN/inf loss, leaving the last checkpoint as it was.
+        """
+        if resume is not None:
+            self.resume(resume)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.stop_reason = "completed"
+        while self.epoch < epochs:
+            e = self.epoch
+            if not self.train_epoch(e, epochs):
+                self.stop_reason = "max_steps"
+                if self.checkpoints:
+                    self.save()
+                break
+            row = self._end_epoch(e)
+            if self.scheduler is not None:
+                self.scheduler.step()
+            self.history.append(row)
+            self.epoch, self.batch_in_epoch, self.partial = e + 1, 0, self._fresh_partial()
+            metric = row.get("val_top1", row["train_acc"])
+            improved = self.best_metric is None or metric > self.best_metric
+            if improved:
+                self.best_metric, self.bad_epochs = metric, 0
+            else:
+                self.bad_epochs += 1
+            if self.checkpoints:
+                arrays = self._arrays()
+                atomic_savez(self.last_path, arrays)
+                if improved:
+                    atomic_savez(self.best_path, arrays)
+            self.write_history()
+            if self.plots:
+                self.draw()
+            if self.progress:
+                tqdm.write(self.describe(row) + (" (best)" if improved else ""), file=sys.stderr)
+            if self.patience is not None and self.bad_epochs >= self.patience:
+                self.stop_reason = "early_stopping"
+                if self.progress:
+                    tqdm.write(f"early stopping: no better validation accuracy for {self.bad_epochs} "
+                               f"epochs (best {self.best_metric:.4f})", file=sys.stderr)
+                break
+            if self.max_steps is not None and self.global_step >= self.max_steps:
+                self.stop_reason = "max_steps"
+                break
+        return self.history
+
+    @staticmethod
+    def describe(row: dict) -> str:
+        s = (f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}")
+        if "val_top1" in row:
+            s += f" | val loss {row['val_loss']:.4f} top-1 {row['val_top1']:.4f} top-5 {row['val_top5']:.4f}"
+        return s + f" | lr {row['lr']:.2e} | {row['images_per_s']:.0f} img/s"
+
+    # -- files ------------------------------------------------------------------------------
+    def write_history(self) -> None:
+        """history.json (everything), history.csv (the scalar columns), eval.json (last eval)."""
+        out = self.out_dir
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "history.json").write_text(json.dumps(self.history, indent=1))
+        cols = []
+        for row in self.history:
+            cols += [k for k, v in row.items() if not isinstance(v, (list, dict)) and k not in cols]
+        with open(out / "history.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(self.history)
+        if self.last_eval is not None:
+            ev = self.last_eval
+            (out / "eval.json").write_text(json.dumps({
+                "epoch": self.epoch, "loss": ev["loss"], "top1": ev["top1"], "top5": ev["top5"],
+                "class_names": self.class_names,
+                "per_class": [None if math.isnan(a) else float(a) for a in ev["per_class"]],
+                "confusion": ev["confusion"].tolist()}, indent=1))
+
+    def _display_norm(self):
+        norm = self.extra.get("normalize")
+        if norm:
+            return norm.get("mean"), norm.get("std")
+        norm = getattr(self.val_loader, "normalizer", None)   # a minivgg.data.Normalize
+        return (norm.mean, norm.std) if norm is not None else (None, None)
+
+    def draw(self) -> list[Path]:
+        """history.png, and from the last evaluation confusion.png, predictions.png, mistakes.png."""
+        paths = [plots.plot_history(self.history, self.out_dir / "history.png")]
+        ev = self.last_eval
+        if ev is None:
+            return paths
+        paths.append(plots.plot_confusion(ev["confusion"], self.class_names, self.out_dir / "confusion.png",
+                                          title=f"validation, epoch {self.epoch}"))
+        mean, std = self._display_norm()
+        for key, name, title in (("examples", "predictions.png", "validation predictions"),
+                                 ("mistakes", "mistakes.png", "misclassified validation images")):
+            ex = ev.get(key)
+            if ex is None:
+                ex = {"images": np.zeros((0, 1, 1, 1)), "labels": [], "preds": [], "probs": []}
+            paths.append(plots.plot_image_grid(ex["images"], ex["labels"], ex["preds"], ex["probs"],
+                                               self.class_names, self.out_dir / name,
+                                               title=f"{title}, epoch {self.epoch}", mean=mean, std=std))
+        return paths

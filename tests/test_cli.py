@@ -1,0 +1,154 @@
+"""The command-line examples: --help, clean errors, a 5-step run on real Fashion-MNIST, resume, predict."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "examples" / "train_vgg11.py"
+PREDICT = ROOT / "examples" / "predict.py"
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+# the smallest VGG-11 that still is one: 1..8 channels, a 16-wide head
+TINY = ["--width-ratio", "64", "--hidden", "16", "--batch-size", "8", "--no-progress"]
+
+
+def cli(script, *args, cwd):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MPLBACKEND="Agg")
+    env.pop("MINIVGG_DEBUG", None)
+    return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_help_explains_every_option(tmp_path):
+    r = cli(TRAIN, "--help", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    for flag in ("--device", "--model", "--bn", "--dataset", "--data-dir", "--image-size", "--width-ratio",
+                 "--hidden", "--head", "--epochs", "--batch-size", "--optimizer", "--lr", "--momentum",
+                 "--weight-decay", "--schedule", "--warmup", "--label-smoothing", "--augment", "--no-augment",
+                 "--seed", "--out", "--resume", "--freeze-features", "--max-steps", "--train-subset",
+                 "--preset", "--accum-steps", "--patience"):
+        assert flag in r.stdout, flag
+    assert "d2l" in r.stdout and "examples:" in r.stdout and "folder:PATH" in r.stdout
+    r = cli(PREDICT, "--help", cwd=tmp_path)
+    assert r.returncode == 0 and "--checkpoint" in r.stdout and "--top" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image-size", "16"], r"--image-size 16 is too small"),
+    (["--data-dir", "/nonexistent/fmnist"], r"--data-dir /nonexistent/fmnist does not exist"),
+    (["--dataset", "folder:/nonexistent/photos"], r"/nonexistent/photos does not exist"),
+    (["--dataset", "imagenet"], r"--dataset must be fashion-mnist or folder:PATH"),
+    (["--resume", "garbage.npz"], r"garbage\.npz: cannot read the checkpoint"),
+])
+def test_bad_input_is_one_clean_line_and_exit_2(tmp_path, args, message):
+    (tmp_path / "garbage.npz").write_bytes(b"not a checkpoint at all")
+    r = cli(TRAIN, *args, cwd=tmp_path)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(message, lines[0]), r.stderr
+
+
+def write_test_images(folder: Path) -> list[Path]:
+    """An RGBA PNG and a grayscale JPEG of odd sizes: predict must convert and resize both."""
+    rng = np.random.default_rng(0)
+    rgba = folder / "rgba.png"
+    Image.fromarray(rng.integers(0, 256, (45, 61, 4), dtype=np.uint8), "RGBA").save(rgba)
+    gray = folder / "gray.jpg"
+    Image.fromarray(rng.integers(0, 256, (70, 50), dtype=np.uint8), "L").save(gray)
+    return [rgba, gray]
+
+
+def predictions(stdout: str) -> dict:
+    """{image: [probabilities in the order printed]} from predict.py's output."""
+    out, current = {}, None
+    for line in stdout.splitlines():
+        m = re.match(r"\s+\d+\. .*?\s+([\d.]+)%$", line)
+        if m:
+            out[current].append(float(m.group(1)) / 100)
+        else:
+            current = line.strip()
+            out[current] = []
+    return out
+
+
+@pytest.mark.skipif(not FMNIST.is_dir(), reason=f"real Fashion-MNIST not installed at {FMNIST} "
+                                                 "(apt-get install dataset-fashion-mnist)")
+def test_smoke_run_on_fashion_mnist_then_resume_then_predict(tmp_path):
+    out = tmp_path / "run"
+    # 40 images / batch 8 = 5 steps: one whole epoch, so the end-of-epoch files are written
+    r = cli(TRAIN, *TINY, "--train-subset", "40", "--val-size", "16", "--test-subset", "32", "--epochs", "1",
+            "--max-steps", "5", "--out", out, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("last.npz", "best.npz", "history.json", "history.csv", "history.png", "confusion.png",
+                 "predictions.png", "mistakes.png", "test_confusion.png", "architecture.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert "Total params" in r.stdout                                   # the model summary
+    assert re.search(r"test set accuracy: top-1 [\d.]+, top-5 [\d.]+ \(32 images", r.stdout), r.stdout
+    assert "plots:" in r.stdout and "last.npz" in r.stdout
+
+    # resume: the options come from the checkpoint, only --epochs is new
+    r = cli(TRAIN, "--resume", out / "last.npz", "--epochs", "2", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "after 2 epoch(s), 10 steps" in r.stdout
+
+    images = write_test_images(tmp_path)
+    r = cli(PREDICT, "--checkpoint", out / "best.npz", *images, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    got = predictions(r.stdout)
+    assert set(got) == {str(p) for p in images}
+    names = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+             "Ankle boot")
+    assert any(n in r.stdout for n in names)
+    for probs in got.values():
+        assert len(probs) == 5 and probs == sorted(probs, reverse=True) and sum(probs) <= 1.0001
+
+
+def test_folder_dataset_run_and_predict_top5_of_5_classes_sums_to_1(tmp_path):
+    """An image folder of 5 classes: predict's 5 probabilities are the whole distribution."""
+    rng = np.random.default_rng(1)
+    root = tmp_path / "photos"
+    for c in ("ant", "bee", "cat", "dog", "eel"):
+        (root / c).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    out = tmp_path / "run"
+    r = cli(TRAIN, *TINY, "--dataset", f"folder:{root}", "--image-size", "32", "--epochs", "1",
+            "--max-steps", "2", "--no-plots", "--out", out, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "20 training, 5 validation" in r.stdout and "stopped: max_steps" in r.stdout
+    images = write_test_images(tmp_path)
+    r = cli(PREDICT, "--checkpoint", out / "last.npz", *images, "--device", "cpu", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    for probs in predictions(r.stdout).values():
+        assert len(probs) == 5 and abs(sum(probs) - 1) < 1e-3
+    assert "ant" in r.stdout and "eel" in r.stdout
+
+    r = cli(PREDICT, "--checkpoint", out / "last.npz", tmp_path / "missing.png", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "missing.png" in r.stderr
+
+
+def load_cli_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_vgg11", TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_option_precedence_defaults_preset_flags():
+    cli_module = load_cli_module()
+    args = cli_module.parse_args([])
+    assert args.model == "vgg11" and args.bn and args.image_size == 32 and args.pool_size == 1
+    args = cli_module.parse_args(["--preset", "d2l"])
+    assert (args.bn, args.width_ratio, args.image_size, args.optimizer, args.lr, args.epochs, args.batch_size,
+            args.init, args.hidden, args.pool_size) == (False, 4, 224, "sgd", 0.05, 10, 128, "xavier",
+                                                        (4096, 4096), 7)
+    args = cli_module.parse_args(["--preset", "d2l", "--lr", "0.01", "--hidden", "none"])
+    assert args.lr == 0.01 and args.hidden == () and args.optimizer == "sgd"    # flags beat the preset
+    assert cli_module.parse_args(["--preset", "d2l-adam"]).optimizer == "adam"
