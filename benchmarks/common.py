@@ -278,6 +278,14 @@ def _numpy_blas() -> str:
         return "unknown"
 
 
+def _blas_core() -> str:
+    from minivgg import backend
+    try:
+        return backend.blas_core()
+    except OSError:
+        return "unknown"
+
+
 def machine_info(device: str = "cpu") -> dict:
     """Everything a reader needs to compare two runs: CPU, cores, library versions, threads, GPU."""
     import torch
@@ -290,6 +298,8 @@ def machine_info(device: str = "cpu") -> dict:
         "numpy": np.__version__,
         "numpy_blas": _numpy_blas(),
         "numpy_blas_threads": numpy_blas_threads(),
+        "numpy_blas_core": _blas_core(),
+        "openblas_coretype_env": os.environ.get("OPENBLAS_CORETYPE", "(unset: OpenBLAS detects the CPU)"),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
@@ -317,7 +327,8 @@ def header(info: dict, extra: str = "") -> str:
     """The lines printed above every result: which machine, which versions."""
     lines = [f"machine: {info['cpu']}, {info['cores_usable']}/{info['cores']} cores usable, "
              f"python {info['python']}, {info['platform']}",
-             f"numpy {info['numpy']} ({info['numpy_blas']}, {info['numpy_blas_threads']} BLAS threads); "
+             f"numpy {info['numpy']} ({info['numpy_blas']}, {info['numpy_blas_core']} kernels, "
+             f"OPENBLAS_CORETYPE={info['openblas_coretype_env']}, {info['numpy_blas_threads']} BLAS threads); "
              f"torch {info['torch']} ({info['torch_threads']} threads, mkldnn={info['torch_mkldnn']})"]
     if info.get("device", "cpu") != "cpu":
         lines.append(f"gpu: {info['gpu']}; cupy {info['cupy']} (CUDA runtime {info['cuda_runtime']}, "

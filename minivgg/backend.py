@@ -142,3 +142,24 @@ def random_uniform(xp, shape, dtype):
 def device_of(x) -> str:
     """'cpu' or 'gpu:N' for an array."""
     return f"gpu:{x.device.id}" if is_gpu_array(x) else "cpu"
+
+
+def blas_core() -> str:
+    """The kernel family NumPy's OpenBLAS runs ('Haswell', 'SkylakeX', ...), or 'unknown'.
+
+    OpenBLAS picks it from the CPU when it loads, unless $OPENBLAS_CORETYPE pins
+    one; benchmarks print it because GEMM speed depends on it (AVX2 vs AVX-512).
+    """
+    import ctypes
+    import glob
+    import os
+    libdir = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs")
+    for path in glob.glob(os.path.join(libdir, "*openblas*")):
+        lib = ctypes.CDLL(path)
+        for name in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename",
+                     "openblas_get_corename64_", "openblas_get_corename"):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn.restype = ctypes.c_char_p
+                return fn().decode()
+    return "unknown"

@@ -66,39 +66,50 @@ def col2im_cpu(cols, x_shape, KH: int, KW: int, stride: tuple, pad: tuple):
 def maxpool_forward_cpu(x, KH: int, KW: int, stride: tuple, pad: tuple):
     """Window maximum and the index (kh*KW + kw) of its first occurrence.
 
-    x (N, C, H, W) -> out (N, C, OH, OW), argmax (N, C, OH, OW) int8/int32.
-    Windows are scanned in row-major order and only a strictly larger value
-    replaces the running maximum, so ties go to the first element, as in PyTorch.
+    x (N, C, H, W) -> out (N, C, OH, OW), argmax (N, C, OH, OW) of int8 (int32
+    for windows over 127 elements). Windows are scanned in row-major order and
+    only a strictly larger value replaces the running maximum, so ties go to
+    the first element, as in PyTorch. One vectorised pass per window offset.
     """
     N, C, H, W = x.shape
     sh, sw = stride
     OH, OW = out_size(H, KH, sh, pad[0]), out_size(W, KW, sw, pad[1])
     xpad = pad_input(x, *pad, value=-np.inf)                          # (N, C, Hp, Wp)
     out = xpad[:, :, 0:sh * OH:sh, 0:sw * OW:sw].copy()                # (N, C, OH, OW)
-    argmax = np.zeros((N, C, OH, OW), dtype=np.int32)                  # (N, C, OH, OW)
+    argmax = np.zeros((N, C, OH, OW), dtype=np.int8 if KH * KW <= 127 else np.int32)
+    better = np.empty((N, C, OH, OW), dtype=bool)                      # (N, C, OH, OW)
     for kh in range(KH):
         for kw in range(KW):
             if kh == 0 and kw == 0:
                 continue
             cand = xpad[:, :, kh:kh + sh * OH:sh, kw:kw + sw * OW:sw]  # (N, C, OH, OW) view
-            better = cand > out
-            np.copyto(out, cand, where=better)
-            argmax[better] = kh * KW + kw
+            np.greater(cand, out, out=better)                          # strictly larger only
+            np.maximum(out, cand, out=out)
+            argmax = np.where(better, argmax.dtype.type(kh * KW + kw), argmax)
     return out, argmax
 
 
 def maxpool_backward_cpu(dout, argmax, x_shape, KH: int, KW: int, stride: tuple, pad: tuple):
     """Route each dout to its window's argmax; overlapping windows add up.
 
-    dout, argmax (N, C, OH, OW) -> dx (N, C, H, W).
+    dout, argmax (N, C, OH, OW) -> dx (N, C, H, W). When windows do not overlap
+    (stride >= kernel) every pixel hears from one window at most, so each
+    offset's share is written, not added.
     """
     N, C, H, W = x_shape
     sh, sw = stride
     ph, pw = pad
     OH, OW = dout.shape[2:]
-    dxpad = np.zeros((N, C, H + 2 * ph, W + 2 * pw), dtype=dout.dtype)   # (N, C, Hp, Wp)
+    disjoint = sh >= KH and sw >= KW
+    alloc = np.empty if disjoint and (sh * OH, sw * OW) == (H + 2 * ph, W + 2 * pw) else np.zeros
+    dxpad = alloc((N, C, H + 2 * ph, W + 2 * pw), dtype=dout.dtype)    # (N, C, Hp, Wp)
+    hit = np.empty(argmax.shape, dtype=bool)                           # (N, C, OH, OW)
     for kh in range(KH):
         for kw in range(KW):
-            routed = np.where(argmax == kh * KW + kw, dout, 0)           # (N, C, OH, OW)
-            dxpad[:, :, kh:kh + sh * OH:sh, kw:kw + sw * OW:sw] += routed
+            target = dxpad[:, :, kh:kh + sh * OH:sh, kw:kw + sw * OW:sw]   # (N, C, OH, OW) view
+            np.equal(argmax, kh * KW + kw, out=hit)
+            if disjoint:
+                np.multiply(dout, hit, out=target)
+            else:
+                target += dout * hit
     return dxpad[:, :, ph:ph + H, pw:pw + W]

@@ -32,10 +32,15 @@ class Conv2d(Layer):
         dL/dx  = col2im(Wm^T @ D)                             (N, C, H, W)
     where col2im adds each column entry back onto the pixel it was copied from
     (a pixel inside several windows receives several contributions).
+    With stride 1 the same dL/dx is itself a convolution: dout, padded by
+    K-1-p, correlated with the kernel flipped in space and with its F and C
+    axes swapped. That runs as im2col + GEMM again and avoids col2im's scattered
+    adds, so backward uses it when it can (tests/test_reference.py checks both).
 
     Memory: cols is KH*KW times the size of x, so the batch is processed in
-    chunks that fit the workspace limit (minivgg.kernels.set_workspace_limit),
-    and backward rebuilds the columns instead of keeping them.
+    chunks that fit the workspace limit (minivgg.kernels.set_workspace_limit).
+    When the batch fits in one chunk, forward keeps cols for dL/dW.
+    Set needs_input_grad = False on a network's first layer to skip dL/dx.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
@@ -48,6 +53,7 @@ class Conv2d(Layer):
         if min(self.kernel_size) < 1 or min(self.stride) < 1 or min(self.padding) < 0:
             raise ValueError(f"Conv2d: kernel_size and stride must be >= 1 and padding >= 0, got "
                              f"{self.kernel_size}, {self.stride}, {self.padding}")
+        self.needs_input_grad = True
         KH, KW = self.kernel_size
         # PyTorch's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
         bound = 1.0 / math.sqrt(in_channels * KH * KW)
@@ -59,51 +65,74 @@ class Conv2d(Layer):
     def forward(self, x):
         self.check_input(x, ndim=4, channels=self.in_channels)
         N, C, H, W = x.shape
-        (KH, KW), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        (KH, KW), (ph, pw) = self.kernel_size, self.padding
         if H + 2 * ph < KH or W + 2 * pw < KW:
             raise ValueError(f"{self!r}: kernel {KH}x{KW} is larger than the padded input "
                              f"{H + 2 * ph}x{W + 2 * pw} (input {H}x{W}, padding {ph}); "
                              "use a larger image or more padding")
         F = self.out_channels
-        OH, OW = out_size(H, KH, sh, ph), out_size(W, KW, sw, pw)
-        xp = backend.get_array_module(x)
         Wm = self.params["weight"].reshape(F, C * KH * KW)               # (F, C*KH*KW)
-        out = xp.empty((N, F, OH, OW), dtype=x.dtype)                     # (N, F, OH, OW)
-        for s in batch_chunks(N, C * KH * KW * OH * OW * x.itemsize):
-            cols = im2col(x[s], KH, KW, self.stride, self.padding)        # (C*KH*KW, n*OH*OW)
-            y = Wm @ cols                                                 # (F, n*OH*OW)
-            out[s] = y.reshape(F, -1, OH, OW).transpose(1, 0, 2, 3)       # (n, F, OH, OW)
+        out, cols = correlate(x, Wm, KH, KW, self.stride, self.padding, keep_cols=True)  # (N, F, OH, OW)
         if "bias" in self.params:
             out += self.params["bias"].reshape(1, F, 1, 1)
-        self.cache = x
+        self.cache = (x, cols)     # cols is None when the batch took several chunks
         return out
 
     def backward(self, dout):
         if self.cache is None:
             raise RuntimeError(f"{self!r}: backward called before forward; run forward first")
-        x = self.cache
+        x, cols = self.cache
         N, C, H, W = x.shape
-        (KH, KW), F = self.kernel_size, self.out_channels
-        OH, OW = out_size(H, KH, self.stride[0], self.padding[0]), out_size(W, KW, self.stride[1], self.padding[1])
+        (KH, KW), (sh, sw), (ph, pw), F = self.kernel_size, self.stride, self.padding, self.out_channels
+        OH, OW = out_size(H, KH, sh, ph), out_size(W, KW, sw, pw)
         self.check_dout(dout, (N, F, OH, OW), like=x)
         xp = backend.get_array_module(x)
         Wm = self.params["weight"].reshape(F, C * KH * KW)               # (F, C*KH*KW)
+        # the flipped-kernel path builds columns from dout (F channels) instead of
+        # scattering x's (C channels): worth it unless F is much larger than C
+        flip_path = (sh, sw) == (1, 1) and ph < KH and pw < KW and F <= 4 * C
+        want_dx = self.needs_input_grad
         dWm = xp.zeros((F, C * KH * KW), dtype=x.dtype)                   # (F, C*KH*KW)
-        dx = xp.empty_like(x)                                             # (N, C, H, W)
+        dx = xp.empty_like(x) if want_dx and not flip_path else None      # (N, C, H, W)
         for s in batch_chunks(N, C * KH * KW * OH * OW * x.itemsize):
-            cols = im2col(x[s], KH, KW, self.stride, self.padding)        # (C*KH*KW, n*OH*OW)
+            if cols is None or s.stop - s.start != N:
+                cols = im2col(x[s], KH, KW, self.stride, self.padding)    # (C*KH*KW, n*OH*OW)
             D = dout[s].transpose(1, 0, 2, 3).reshape(F, -1)              # (F, n*OH*OW)
             dWm += D @ cols.T                                             # (F, C*KH*KW)
-            dcols = Wm.T @ D                                              # (C*KH*KW, n*OH*OW)
-            dx[s] = col2im(dcols, x[s].shape, KH, KW, self.stride, self.padding)  # (n, C, H, W)
+            if dx is not None:
+                dx[s] = col2im(Wm.T @ D, x[s].shape, KH, KW, self.stride, self.padding)  # (n, C, H, W)
         self.grads["weight"] = dWm.reshape(F, C, KH, KW)                  # (F, C, KH, KW)
         if "bias" in self.params:
             self.grads["bias"] = dout.sum(axis=(0, 2, 3))                 # (F,)
+        if want_dx and flip_path:
+            W_flip = self.params["weight"][:, :, ::-1, ::-1].transpose(1, 0, 2, 3)  # (C, F, KH, KW)
+            W_flip = xp.ascontiguousarray(W_flip).reshape(C, F * KH * KW)           # (C, F*KH*KW)
+            dx, _ = correlate(dout, W_flip, KH, KW, (1, 1), (KH - 1 - ph, KW - 1 - pw))  # (N, C, H, W)
         return dx
 
     def __repr__(self):
         return (f"Conv2d({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, bias={'bias' in self.params})")
+
+
+def correlate(x, Wm, KH, KW, stride, pad, keep_cols=False):
+    """out = Wm @ im2col(x), reordered to NCHW: the convolution without its bias.
+
+    x (N, C, H, W), Wm (F, C*KH*KW) -> out (N, F, OH, OW), processed in batch
+    chunks that fit the workspace. Returns (out, cols); cols (C*KH*KW, N*OH*OW)
+    only when keep_cols and the batch fit in a single chunk, else None.
+    """
+    N, C, H, W = x.shape
+    F = Wm.shape[0]
+    OH, OW = out_size(H, KH, stride[0], pad[0]), out_size(W, KW, stride[1], pad[1])
+    xp = backend.get_array_module(x)
+    out = xp.empty((N, F, OH, OW), dtype=x.dtype)                         # (N, F, OH, OW)
+    chunks = batch_chunks(N, C * KH * KW * OH * OW * x.itemsize)
+    for s in chunks:
+        cols = im2col(x[s], KH, KW, stride, pad)                          # (C*KH*KW, n*OH*OW)
+        y = Wm @ cols                                                     # (F, n*OH*OW)
+        out[s] = y.reshape(F, -1, OH, OW).transpose(1, 0, 2, 3)           # (n, F, OH, OW)
+    return out, (cols if keep_cols and len(chunks) == 1 else None)
 
 
 # ---------------------------------------------------------------------------
