@@ -45,6 +45,7 @@ from minivgg.losses import SoftmaxCrossEntropy  # noqa: E402
 from minivgg.models import build_model  # noqa: E402
 from minivgg.models.torch_interop import to_torch  # noqa: E402
 from minivgg.optim import Adam  # noqa: E402
+from minivgg.train import skip_input_grad  # noqa: E402
 
 TOL_FP32 = 1e-4   # rel err of the loss, float32
 TOL_TF32 = 1e-2   # with --tf32 both sides round matmul inputs to 10 mantissa bits
@@ -112,6 +113,7 @@ def minivgg_step_fn(model, x, y, lr: float = LR):
     """A callable running one minivgg step; returns the loss (a 0-d array on the device)."""
     opt = Adam(model, lr=lr)
     loss_fn = SoftmaxCrossEntropy()
+    skip_input_grad(model)   # the images need no gradient, as in torch (x.requires_grad is False)
 
     def step():
         logits = model.forward(x)                 # (N, K)

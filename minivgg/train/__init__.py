@@ -8,9 +8,9 @@ from .checkpoint import (FORMAT_VERSION, CheckpointError, check_compatible, load
 from .metrics import (confusion_matrix, evaluate, per_class_accuracy, softmax, topk_accuracy,
                       topk_correct)
 from .plots import plot_confusion, plot_history, plot_image_grid
-from .trainer import NonFiniteLossError, Trainer, freeze_features
+from .trainer import NonFiniteLossError, Trainer, freeze_features, skip_input_grad
 
-__all__ = ["Trainer", "NonFiniteLossError", "freeze_features", "evaluate", "save_checkpoint",
+__all__ = ["Trainer", "NonFiniteLossError", "freeze_features", "skip_input_grad", "evaluate", "save_checkpoint",
            "load_checkpoint", "restore", "restore_rng_state", "check_compatible", "CheckpointError",
            "FORMAT_VERSION", "confusion_matrix", "per_class_accuracy", "softmax", "topk_accuracy",
            "topk_correct", "plot_history", "plot_confusion", "plot_image_grid"]

@@ -51,6 +51,22 @@ def freeze_features(model, frozen: bool = True):
     return sum(int(p.size) for _, p, _ in model.named_parameters())
 
 
+def skip_input_grad(model) -> bool:
+    """Let the network's first layer skip dL/dx: the images need no gradient.
+
+    PyTorch skips it too (the input does not require grad). Only done when the
+    first layer in forward order is one that can skip it (Conv2d); returns
+    whether it was.
+    """
+    first = model
+    while first.children():
+        first = first.children()[0][1]
+    if hasattr(first, "needs_input_grad"):
+        first.needs_input_grad = False
+        return True
+    return False
+
+
 def _trainable(model):
     """(layer, key) for every trainable parameter, in named_parameters order."""
     return [(m, k) for _, m in model.modules() if not m.frozen for k in m.params]
@@ -90,6 +106,7 @@ class Trainer:
         if patience is not None and int(patience) < 1:
             raise ValueError(f"Trainer: patience must be >= 1 or None, got {patience}")
         self.model = model.to(device) if device != "cpu" else model
+        skip_input_grad(self.model)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_loader, self.val_loader = train_loader, val_loader
         self.loss_fn = loss_fn or SoftmaxCrossEntropy()
