@@ -425,3 +425,18 @@ def fmt_ms(seconds: float) -> str:
 
 def fmt_ratio(r: float) -> str:
     return f"{r:.2f}x" if math.isfinite(r) else "n/a"
+
+
+def add_shared_options(p, checked: str = "the check") -> None:
+    """The options both benchmarks take: threads, TF32, tolerance, seed, JSON output, progress."""
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads(N), and the same for NumPy's BLAS "
+                        "(default: each library's default, one thread per core)")
+    p.add_argument("--tf32", action="store_true",
+                   help="allow TF32 in float32 matmuls/convs on the GPU for both CuPy and torch "
+                        f"(default off; {checked}'s tolerance becomes 1e-2)")
+    p.add_argument("--tol", type=float, default=None, help=f"override {checked}'s tolerance")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="FILE", default=None, help="write every figure and the machine info here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+

@@ -325,16 +325,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-time", type=float, default=None,
                    help="seconds a timed repeat should last at least; shorter calls are looped and "
                         "averaged (default: 0.02 on the CPU, 0.05 on the GPU)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads(N), and the same for NumPy's BLAS "
-                        "(default: each library's default, one thread per core)")
-    p.add_argument("--tf32", action="store_true",
-                   help="allow TF32 in float32 matmuls/convs on the GPU for both CuPy and torch "
-                        "(default off; the check tolerance becomes 1e-2)")
-    p.add_argument("--tol", type=float, default=None, help="override the check's tolerance")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", metavar="FILE", default=None, help="write every figure and the machine info here")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    common.add_shared_options(p, checked="the check")
     args = p.parse_args(argv)
     if args.batch is None:
         args.batch = 4 if args.vgg16_224 else 64

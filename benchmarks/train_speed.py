@@ -401,19 +401,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="VGG-11-BN (BatchNorm after every conv) for the 32x32 workload")
     p.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads(N), and the same for NumPy's BLAS "
-                        "(default: each library's default, one thread per core)")
-    p.add_argument("--tf32", action="store_true",
-                   help="allow TF32 in float32 matmuls/convs on the GPU for both CuPy and torch "
-                        "(default off; the loss check tolerance becomes 1e-2)")
     p.add_argument("--grad-tol", type=float, default=GRAD_TOL,
                    help=f"tolerance of the gradient check after step 1 (default {GRAD_TOL}; see the docs "
                         "of check_first_step for why it is loose)")
-    p.add_argument("--tol", type=float, default=None, help="override the loss check's tolerance")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", metavar="FILE", default=None, help="write every figure and the machine info here")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    common.add_shared_options(p, checked="the loss check")
     args = p.parse_args(argv)
     if args.d2l_batch is None:
         args.d2l_batch = 16 if args.device == "cpu" else 128

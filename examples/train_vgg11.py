@@ -1,6 +1,6 @@
 """Train a VGG on Fashion-MNIST (or a folder of images) from the command line, on the CPU or a GPU.
 
-    PYTHONPATH=. python examples/train_vgg11.py                 # laptop defaults, about a minute an epoch
+    PYTHONPATH=. python examples/train_vgg11.py                 # laptop defaults: 12 epochs, ~7 min on 2 cores
     PYTHONPATH=. python examples/train_vgg11.py --preset d2l --device gpu
     PYTHONPATH=. python examples/train_vgg11.py --help
 
@@ -22,16 +22,17 @@ try:
 except ImportError:  # run from a checkout without PYTHONPATH=. or pip install -e .
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# The laptop defaults: VGG-11 with BatchNorm at 1/8 width on 32x32 Fashion-MNIST, a small head.
-# One place to tune them (an epoch of 55,000 images should take about a minute on 2 cores).
+# The laptop defaults: VGG-11 with BatchNorm at 1/8 width on 32x32 Fashion-MNIST, a small head,
+# Adam 2e-3 with cosine decay, random flips, 12 epochs: 92.1% test top-1 in 7 min 19 s on 2 cores
+# (README, "Results"). One place to tune them.
 DEFAULTS = {
     "device": "cpu", "model": "vgg11", "bn": True, "init": "xavier",
     "dataset": "fashion-mnist", "data_dir": None, "download": True, "image_size": 32, "channels": None,
-    "width_ratio": 8, "head": "classic", "hidden": "256,256", "pool_size": 1, "dropout": 0.5,
-    "epochs": 10, "batch_size": 128, "accum_steps": 1,
-    "optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0,
+    "width_ratio": 8, "head": "classic", "hidden": "256,256", "pool_size": 1, "dropout": 0.0,
+    "epochs": 12, "batch_size": 128, "accum_steps": 1,
+    "optimizer": "adam", "lr": 2e-3, "momentum": 0.9, "weight_decay": 0.0,
     "schedule": "cosine", "warmup": 0.0, "label_smoothing": 0.0, "clip_norm": None,
-    "augment": True, "normalize": True, "seed": 0, "out": None, "resume": None, "init_from": None,
+    "augment": True, "crop_padding": 0, "normalize": True, "seed": 0, "out": None, "resume": None, "init_from": None,
     "freeze_features": False, "patience": None, "max_steps": None, "train_subset": None,
     "val_size": 5000, "test_subset": None, "progress": True, "plots": True,
 }
@@ -55,13 +56,13 @@ PRESETS = {
 # Options that describe the data and the network: a resumed run takes them from its checkpoint.
 RUN_OPTIONS = ("model", "bn", "init", "dataset", "data_dir", "image_size", "channels", "width_ratio",
                "head", "hidden", "pool_size", "dropout", "optimizer", "momentum", "weight_decay",
-               "schedule", "warmup", "label_smoothing", "clip_norm", "augment", "normalize", "seed",
+               "schedule", "warmup", "label_smoothing", "clip_norm", "augment", "crop_padding", "normalize", "seed",
                "batch_size", "accum_steps", "freeze_features", "train_subset", "val_size", "test_subset",
                "lr", "out", "patience")
 
 EPILOG = """\
 examples:
-  # the laptop default: VGG-11-BN, width 1/8, 32x32 Fashion-MNIST, Adam + cosine, 10 epochs
+  # the laptop default: VGG-11-BN, width 1/8, 32x32 Fashion-MNIST, Adam + cosine, 12 epochs
   python examples/train_vgg11.py
 
   # a 30-second smoke run on 2,000 images
@@ -176,7 +177,10 @@ def make_parser(suppress: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--channels", type=int, choices=[1, 3], default=D("channels"),
                    help="1 (gray) or 3 (RGB) input channels (default: 1 for Fashion-MNIST, 3 for a folder)")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=D("augment"),
-                   help="random crops (padding S/8) and horizontal flips of the training images")
+                   help="random horizontal flips and random crops of the training images")
+    g.add_argument("--crop-padding", type=int, default=D("crop_padding"), metavar="P",
+                   help="with --augment: pad by P pixels, then crop back at random "
+                        "(default S/8; 0 = flips only)")
     g.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=D("normalize"),
                    help="subtract the training set's mean and divide by its std, per channel")
     g.add_argument("--train-subset", type=int, default=D("train_subset"), metavar="N",
@@ -304,7 +308,9 @@ def make_loaders(args, data):
     augment = None
     if args.augment:
         s = args.image_size
-        augment = transforms.Compose([transforms.RandomCrop(s, padding=s // 8), transforms.RandomHorizontalFlip()])
+        pad = s // 8 if args.crop_padding is None else args.crop_padding
+        steps = [transforms.RandomCrop(s, padding=pad)] if pad > 0 else []
+        augment = transforms.Compose(steps + [transforms.RandomHorizontalFlip()])
     norm = (data["mean"], data["std"])
     common = dict(batch_size=args.batch_size, normalize=norm, device=args.device)
     train = DataLoader(*data["train"], shuffle=True, seed=args.seed, transform=augment, **common)

@@ -35,7 +35,7 @@ class Conv2d(Layer):
     With stride 1 the same dL/dx is itself a convolution: dout, padded by
     K-1-p, correlated with the kernel flipped in space and with its F and C
     axes swapped. That runs as im2col + GEMM again and avoids col2im's scattered
-    adds, so backward uses it when it can (tests/test_reference.py checks both).
+    adds, so backward uses it when F <= 4*C (tests/test_reference.py checks both).
 
     Memory: cols is KH*KW times the size of x, so the batch is processed in
     chunks that fit the workspace limit (minivgg.kernels.set_workspace_limit).
@@ -81,7 +81,7 @@ class Conv2d(Layer):
     def backward(self, dout):
         if self.cache is None:
             raise RuntimeError(f"{self!r}: backward called before forward; run forward first")
-        x, cols = self.cache
+        x, kept_cols = self.cache
         N, C, H, W = x.shape
         (KH, KW), (sh, sw), (ph, pw), F = self.kernel_size, self.stride, self.padding, self.out_channels
         OH, OW = out_size(H, KH, sh, ph), out_size(W, KW, sw, pw)
@@ -95,8 +95,8 @@ class Conv2d(Layer):
         dWm = xp.zeros((F, C * KH * KW), dtype=x.dtype)                   # (F, C*KH*KW)
         dx = xp.empty_like(x) if want_dx and not flip_path else None      # (N, C, H, W)
         for s in batch_chunks(N, C * KH * KW * OH * OW * x.itemsize):
-            if cols is None or s.stop - s.start != N:
-                cols = im2col(x[s], KH, KW, self.stride, self.padding)    # (C*KH*KW, n*OH*OW)
+            cols = kept_cols if kept_cols is not None else \
+                im2col(x[s], KH, KW, self.stride, self.padding)           # (C*KH*KW, n*OH*OW)
             D = dout[s].transpose(1, 0, 2, 3).reshape(F, -1)              # (F, n*OH*OW)
             dWm += D @ cols.T                                             # (F, C*KH*KW)
             if dx is not None:
