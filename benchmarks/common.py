@@ -440,3 +440,18 @@ def add_shared_options(p, checked: str = "the check") -> None:
     p.add_argument("--json", metavar="FILE", default=None, help="write every figure and the machine info here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
+
+def start_run(args, tol_fp32: float, tol_tf32: float):
+    """What both benchmarks do first: check the GPU, set TF32 and threads, pick the tolerance.
+
+    Returns (tf32 flags, threads note, tolerance).
+    """
+    if args.device == "gpu":
+        require_gpu()
+        from minivgg import backend
+        backend.get_xp("gpu")
+    tf32 = set_torch_tf32(args.tf32)
+    threads_note = set_threads(args.threads)
+    tol = args.tol if args.tol is not None else (tol_tf32 if args.tf32 else tol_fp32)
+    return tf32, threads_note, tol
+

@@ -338,12 +338,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.device == "gpu":
-        common.require_gpu()
-        backend.get_xp("gpu")
-    tf32 = common.set_torch_tf32(args.tf32)
-    threads_note = common.set_threads(args.threads)
-    tol = args.tol if args.tol is not None else (TOL_TF32 if args.tf32 else TOL_FP32)
+    tf32, threads_note, tol = common.start_run(args, TOL_FP32, TOL_TF32)
 
     cases = vgg16_224_cases(args.batch) if args.vgg16_224 else vgg11_32_cases(args.batch)
     if args.layers:

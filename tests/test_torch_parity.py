@@ -198,3 +198,20 @@ def test_softmax_cross_entropy(device, rng, label_smoothing, N, K):
     assert loss.dtype == dlogits.dtype == np.float32
     assert rel(loss, loss_t) < OUT_TOL
     assert rel(dlogits, zt.grad) < GRAD_TOL
+
+
+def test_batchnorm_backward_with_a_large_mean(device):
+    """Inputs far from zero (mean 1000, std 1): BatchNorm's backward must centre x before
+    it sums, or float32 cancellation spoils dx and dgamma. Reference: torch in float64."""
+    torch = pytest.importorskip("torch", reason="torch is the oracle for these tests")
+    rng = np.random.default_rng(7)
+    x = (1000.0 + rng.standard_normal((8, 3, 5, 5))).astype(np.float32)
+    dout = rng.standard_normal(x.shape).astype(np.float32)
+    bn = BatchNorm2d(3).to(device)
+    bn.forward(backend.to_device(x, device))
+    dx = backend.to_numpy(bn.backward(backend.to_device(dout, device)))
+    tx = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    tbn = torch.nn.BatchNorm2d(3).double()
+    tbn(tx).backward(torch.tensor(dout, dtype=torch.float64))
+    assert rel(dx, tx.grad.numpy()) < 1e-4
+    assert rel(backend.to_numpy(bn.grads["weight"]), tbn.weight.grad.numpy()) < 1e-4

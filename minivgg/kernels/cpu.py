@@ -16,13 +16,16 @@ def out_size(size: int, k: int, stride: int, pad: int) -> int:
 
 
 def pad_input(x, pad_h: int, pad_w: int, value=0.0):
-    """Zero-pad H and W of x (N, C, H, W) -> (N, C, Hp, Wp); a view-free copy only if needed."""
+    """Pad H and W of x (N, C, H, W) with `value` -> (N, C, Hp, Wp).
+
+    Returns x itself when there is no padding, else a new padded array.
+    """
     if pad_h == 0 and pad_w == 0:
         return x
     N, C, H, W = x.shape
-    xp_ = np.full((N, C, H + 2 * pad_h, W + 2 * pad_w), value, dtype=x.dtype)  # (N, C, Hp, Wp)
-    xp_[:, :, pad_h:pad_h + H, pad_w:pad_w + W] = x
-    return xp_
+    padded = np.full((N, C, H + 2 * pad_h, W + 2 * pad_w), value, dtype=x.dtype)  # (N, C, Hp, Wp)
+    padded[:, :, pad_h:pad_h + H, pad_w:pad_w + W] = x
+    return padded
 
 
 def im2col_cpu(x, KH: int, KW: int, stride: tuple, pad: tuple, out=None):

@@ -72,17 +72,9 @@ class Layer:
     def load_state_dict(self, state: dict) -> None:
         """Copy arrays into this model; names, shapes must match exactly."""
         own = self.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise KeyError(f"{type(self).__name__}.load_state_dict: missing keys {missing[:5]}"
-                           f"{'...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
-                           f"{'...' if len(unexpected) > 5 else ''}")
-        for name, target in own.items():
-            src = state[name]
-            if tuple(src.shape) != tuple(target.shape):
-                raise ValueError(f"load_state_dict: '{name}' has shape {tuple(src.shape)}, "
-                                 f"the model expects {tuple(target.shape)}")
+        problem = state_dict_mismatch(own, state)
+        if problem:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: {problem}")
         for name, target in own.items():  # all checked: now copy
             xp = backend.get_array_module(target)
             target[...] = xp.asarray(backend.to_numpy(state[name]) if xp is np else state[name],
@@ -186,6 +178,23 @@ class Layer:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def state_dict_mismatch(own: dict, state: dict) -> str | None:
+    """Why `state` cannot load into the arrays `own` (names, then shapes), or None if it fits."""
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        return f"missing keys {_first(missing)}, unexpected keys {_first(unexpected)}"
+    for name, target in own.items():
+        got = tuple(state[name].shape)
+        if got != tuple(target.shape):
+            return f"'{name}' has shape {got} in the saved weights, the model expects {tuple(target.shape)}"
+    return None
+
+
+def _first(keys: list, n: int = 5) -> str:
+    return f"{keys[:n]}{'...' if len(keys) > n else ''}"
 
 
 def pair(v, name: str = "value") -> tuple[int, int]:

@@ -76,20 +76,21 @@ class BatchNorm2d(Layer):
         M = x.dtype.type(N * H * W)
         xp = backend.get_array_module(x)
         gamma = self.params["weight"]                                      # (C,)
+        xc = x - mu.reshape(1, C, 1, 1)    # (N, C, H, W) centred first: no cancellation below
         sum_dout = xp.einsum("nchw->c", dout)                              # (C,)
-        # sum(dout * xhat) = inv_std * (sum(dout * x) - mu * sum(dout)), without an xhat array
-        sum_dout_xhat = inv_std * (xp.einsum("nchw,nchw->c", dout, x) - mu * sum_dout)  # (C,)
+        sum_dout_xhat = inv_std * xp.einsum("nchw,nchw->c", dout, xc)      # (C,) = sum(dout * xhat)
         self.grads["weight"] = sum_dout_xhat                               # (C,)
         self.grads["bias"] = sum_dout                                      # (C,)
         if not training:
             return dout * (gamma * inv_std).reshape(1, C, 1, 1)            # (N, C, H, W)
         # dx = gamma*inv_std/M * (M*dout - sum_dout - xhat*sum_dout_xhat) is affine in dout
-        # and x per channel: dx = a*dout + b*x + c, three passes instead of eight.
+        # and xc per channel: dx = a*dout + b*xc + c, in three passes.
         a = gamma * inv_std                                                # (C,)
         b = -a * inv_std * sum_dout_xhat / M                               # (C,)
-        c = -a * sum_dout / M - b * mu                                     # (C,)
+        c = -a * sum_dout / M                                              # (C,)
         dx = dout * a.reshape(1, C, 1, 1)                                  # (N, C, H, W)
-        dx += x * b.reshape(1, C, 1, 1)
+        xc *= b.reshape(1, C, 1, 1)
+        dx += xc
         dx += c.reshape(1, C, 1, 1)
         return dx
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import backend
+from ..layers.base import state_dict_mismatch
 
 FORMAT = "minivgg-checkpoint"
 FORMAT_VERSION = 1
@@ -220,19 +221,9 @@ def check_compatible(ckpt: dict, model) -> None:
                 if isinstance(saved_config, dict) and isinstance(own_config, dict) else
                 f"checkpoint {saved_config!r} vs model {own_config!r}")
         raise CheckpointError(f"{path}: saved from a different architecture; config differs ({diff})")
-    own = model.state_dict()
-    weights = ckpt["model"]
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not match the model's layers: missing keys "
-                              f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected keys "
-                              f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-    for name, target in own.items():
-        got = tuple(weights[name].shape)
-        if got != tuple(target.shape):
-            raise CheckpointError(f"{path}: '{name}' has shape {got} in the checkpoint, the model "
-                                  f"expects {tuple(target.shape)} (a different architecture)")
+    problem = state_dict_mismatch(model.state_dict(), ckpt["model"])
+    if problem:
+        raise CheckpointError(f"{path}: weights do not fit the model: {problem} (a different architecture?)")
 
 
 def restore(ckpt: dict, model, optimizer=None, scheduler=None, restore_rng=False) -> None:
