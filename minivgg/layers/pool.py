@@ -45,23 +45,16 @@ class MaxPool2d(Layer):
                              f"{H + 2 * ph}x{W + 2 * pw}; the image is too small for this many "
                              "poolings, resize it (e.g. --image-size 32)")
         out, argmax = maxpool_forward(x, KH, KW, self.stride, self.padding)  # (N, C, OH, OW) x2
-        self.cache = (x.shape, x.dtype, argmax, backend.get_array_module(x))
+        self.cache = (x, argmax)
         return out
 
     def backward(self, dout):
         if self.cache is None:
             raise RuntimeError(f"{self!r}: backward called before forward; run forward first")
-        x_shape, dtype, argmax, xp = self.cache
-        if backend.get_array_module(dout) is not xp:
-            raise TypeError(f"{self!r}: dout is on a different device than the forward input")
-        if tuple(dout.shape) != tuple(argmax.shape):
-            raise ValueError(f"{self!r}: dout has shape {tuple(dout.shape)}, expected the forward "
-                             f"output's shape {tuple(argmax.shape)}")
-        if dout.dtype != dtype:
-            raise TypeError(f"{self!r}: dout dtype {dout.dtype} differs from the forward "
-                            f"input's dtype {dtype}")
+        x, argmax = self.cache
+        self.check_dout(dout, argmax.shape, like=x)
         KH, KW = self.kernel_size
-        return maxpool_backward(dout, argmax, x_shape, KH, KW, self.stride, self.padding)  # (N, C, H, W)
+        return maxpool_backward(dout, argmax, x.shape, KH, KW, self.stride, self.padding)  # (N, C, H, W)
 
     def __repr__(self):
         return f"MaxPool2d(kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding})"
