@@ -7,14 +7,22 @@ moves arrays between them, and seeds both random number generators.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
-try:  # CuPy is optional: `pip install minivgg[cuda12]` or `minivgg[cuda13]`.
-    import cupy  # type: ignore
+if os.environ.get("MINIVGG_FAKE_CUPY") == "1":
+    # The test suite's strict CuPy stand-in: the GPU path, its rules and minivgg's own CUDA
+    # kernels, run on the CPU (minivgg/testing/fakecupy). Never a GPU, and never silently.
+    from .testing import fakecupy as cupy
     _CUPY_IMPORT_ERROR: Exception | None = None
-except Exception as e:  # ImportError, or a CuPy build that cannot load CUDA
-    cupy = None
-    _CUPY_IMPORT_ERROR = e
+else:
+    try:  # CuPy is optional: `pip install minivgg[cuda12]` or `minivgg[cuda13]`.
+        import cupy  # type: ignore
+        _CUPY_IMPORT_ERROR = None
+    except Exception as e:  # ImportError, or a CuPy build that cannot load CUDA
+        cupy = None
+        _CUPY_IMPORT_ERROR = e
 
 _INSTALL_HINT = ("install CuPy with the extra that matches your CUDA toolkit: "
                  "pip install 'minivgg[cuda12]' (cupy-cuda12x) or "
@@ -23,6 +31,9 @@ _INSTALL_HINT = ("install CuPy with the extra that matches your CUDA toolkit: "
 # The CPU random generator every layer and data loader draws from, unless it is
 # handed its own. `seed()` resets it; checkpoints save and restore its state.
 _rng = np.random.default_rng(0)
+# The GPU's random numbers come from minivgg's Philox kernel (kernels/kernels.cu): counter-based,
+# so the whole state is (seed, offset), the count of numbers drawn so far. Checkpoints store it.
+_gpu_stream = {"seed": 0, "offset": 0}
 
 
 def gpu_available() -> bool:
@@ -111,11 +122,10 @@ def synchronize(x=None) -> None:
 
 
 def seed(value: int) -> None:
-    """Seed every generator minivgg draws from: NumPy's (ours) and CuPy's."""
+    """Seed every generator minivgg draws from: NumPy's on the CPU, the Philox stream on the GPU."""
     global _rng
     _rng = np.random.default_rng(value)
-    if gpu_available():
-        cupy.random.seed(value)
+    _gpu_stream.update(seed=int(value) % 2**64, offset=0)
 
 
 def get_rng() -> np.random.Generator:
@@ -124,19 +134,29 @@ def get_rng() -> np.random.Generator:
 
 
 def rng_state() -> dict:
-    """The shared generator's state, as plain data a checkpoint can store."""
-    return _rng.bit_generator.state
+    """Both generators' states, as plain data a checkpoint can store."""
+    return {"cpu": _rng.bit_generator.state, "gpu": dict(_gpu_stream)}
 
 
 def set_rng_state(state: dict) -> None:
-    _rng.bit_generator.state = state
+    if "bit_generator" in state:   # a checkpoint from before the GPU stream was saved
+        state = {"cpu": state, "gpu": {"seed": 0, "offset": 0}}
+    _rng.bit_generator.state = state["cpu"]
+    _gpu_stream.update(seed=int(state["gpu"]["seed"]), offset=int(state["gpu"]["offset"]))
 
 
 def random_uniform(xp, shape, dtype):
-    """Uniform [0, 1) numbers of `dtype` made on the device of `xp`."""
+    """Uniform [0, 1) numbers of `dtype` made on the device of `xp`.
+
+    On the GPU they are drawn on the device (no copy from the host) by minivgg's Philox
+    kernel, and the stream's offset advances by their count.
+    """
     if xp is np:
         return _rng.random(shape, dtype=np.float32 if dtype == np.float16 else dtype).astype(dtype, copy=False)
-    return xp.random.random_sample(shape, dtype=np.float32).astype(dtype, copy=False)
+    from .kernels.gpu import uniform_gpu
+    u = uniform_gpu(shape, _gpu_stream["seed"], _gpu_stream["offset"])      # float32
+    _gpu_stream["offset"] += int(np.prod(shape, dtype=np.int64))
+    return u.astype(dtype, copy=False)
 
 
 def device_of(x) -> str:

@@ -80,7 +80,7 @@ def check_function(forward, backward, inputs: dict, h: float = 1e-6, seed: int =
     rng = np.random.default_rng(seed)
     out = forward()
     xp = backend.get_array_module(out)
-    G = xp.asarray(rng.standard_normal(np.shape(out)))
+    G = xp.asarray(rng.standard_normal(tuple(getattr(out, "shape", ()))))
     analytic = backward(G)
     return {name: relative_error(analytic[name],
                                  numerical_gradient(lambda: (G * forward()).sum(), arr, h))

@@ -49,7 +49,7 @@ def _gpu():
 def im2col(x, KH, KW, stride, pad, out=None):
     """x (N, C, H, W) -> cols (C*KH*KW, N*OH*OW)."""
     if is_gpu_array(x):
-        return _gpu().im2col_gpu(x, KH, KW, stride, pad, out)
+        return _gpu().im2col_gpu(x, KH, KW, stride, pad)
     return im2col_cpu(x, KH, KW, stride, pad, out)
 
 

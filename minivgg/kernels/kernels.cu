@@ -1,0 +1,169 @@
+// minivgg's CUDA kernels: im2col / col2im, max-pool forward / backward, and a counter-based
+// uniform random generator. Plain CUDA C++, loaded by minivgg/kernels/gpu.py with cupy.RawModule.
+//
+// Every kernel gives one thread per output element and walks the outputs with a grid-stride
+// loop, so any grid size is correct. col2im and the pool backward *gather* (each input pixel
+// sums what came from it) instead of scattering, so there are no atomics and the results are
+// deterministic. Indices are 64-bit (`long long`) wherever a product can pass 2^31.
+//
+// Notation as in kernels/cpu.py: N batch, C channels, H W input size, KH KW window,
+// sh sw stride, ph pw padding, OH OW output size. T is the element type (__half, float,
+// double); arithmetic that accumulates runs in acc_t<T> (float for __half).
+//
+// The same text is compiled for real GPUs by NVRTC (through CuPy) and nvcc (tests), and for
+// the CPU by the test suite's CuPy stand-in (minivgg/testing/fakecupy), which runs the grid
+// as a loop. So: no shared memory, no atomics, no warp intrinsics here.
+#include <cuda_fp16.h>
+
+// Accumulate half-precision values in float; float and double in themselves.
+template <typename T> struct Acc { typedef T type; };
+template <> struct Acc<__half> { typedef float type; };
+
+#define GRID_STRIDE_LOOP(i, total)                                                   \
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (total); \
+         i += (long long)blockDim.x * gridDim.x)
+
+// cols (C, KH, KW, N, OH, OW) <- x (N, C, H, W): element (c, kh, kw, b, oh, ow) is the pixel
+// x[b, c, oh*sh - ph + kh, ow*sw - pw + kw], or 0 where that falls in the padding.
+template <typename T>
+__global__ void im2col(const T* x, T* cols, int N, int C, int H, int W, int KH, int KW,
+                       int OH, int OW, int sh, int sw, int ph, int pw) {
+    const long long total = (long long)C * KH * KW * N * OH * OW;
+    GRID_STRIDE_LOOP(i, total) {
+        long long t = i;
+        const int ow = t % OW;  t /= OW;
+        const int oh = t % OH;  t /= OH;
+        const int b  = t % N;   t /= N;
+        const int kw = t % KW;  t /= KW;
+        const int kh = t % KH;  const int c = t / KH;
+        const int y = oh * sh - ph + kh, xx = ow * sw - pw + kw;
+        const bool inside = y >= 0 && y < H && xx >= 0 && xx < W;
+        cols[i] = inside ? x[(((long long)b * C + c) * H + y) * W + xx] : static_cast<T>(0.0f);
+    }
+}
+
+// dx (N, C, H, W) <- cols, the adjoint of im2col: pixel (y, xx) sums every column entry that
+// was copied from it. It sat at kernel offset (kh, kw) of output (oy, ox) exactly when
+// y = oy*sh - ph + kh, i.e. oy = (y + ph - kh) / sh with no remainder and 0 <= oy < OH.
+template <typename T>
+__global__ void col2im(const T* cols, T* dx, int N, int C, int H, int W, int KH, int KW,
+                       int OH, int OW, int sh, int sw, int ph, int pw) {
+    typedef typename Acc<T>::type acc_t;
+    const long long total = (long long)N * C * H * W;
+    GRID_STRIDE_LOOP(i, total) {
+        long long t = i;
+        const int xx = t % W;  t /= W;
+        const int y  = t % H;  t /= H;
+        const int c  = t % C;  const int b = t / C;
+        acc_t acc = 0;
+        for (int kh = 0; kh < KH; ++kh) {
+            int oy = y + ph - kh;
+            if (oy < 0 || oy % sh != 0) continue;
+            oy /= sh;
+            if (oy >= OH) continue;
+            for (int kw = 0; kw < KW; ++kw) {
+                int ox = xx + pw - kw;
+                if (ox < 0 || ox % sw != 0) continue;
+                ox /= sw;
+                if (ox >= OW) continue;
+                const long long row = ((long long)c * KH + kh) * KW + kw;
+                acc += static_cast<acc_t>(cols[((row * N + b) * OH + oy) * OW + ox]);
+            }
+        }
+        dx[i] = static_cast<T>(acc);
+    }
+}
+
+// out, argmax (N, C, OH, OW) <- x (N, C, H, W): the window maximum and its offset kh*KW + kw.
+// As PyTorch: padding never wins (only in-bounds pixels are read), the first maximum wins a
+// tie (only a strictly larger value replaces it), and NaN propagates (a NaN always replaces,
+// so a window holding NaN yields NaN, at its last NaN).
+template <typename T>
+__global__ void maxpool_forward(const T* x, T* out, int* argmax, long long NC, int H, int W,
+                                int KH, int KW, int OH, int OW, int sh, int sw, int ph, int pw) {
+    typedef typename Acc<T>::type acc_t;
+    const long long total = NC * OH * OW;
+    GRID_STRIDE_LOOP(i, total) {
+        long long t = i;
+        const int ow = t % OW;  t /= OW;
+        const int oh = t % OH;  const long long nc = t / OH;
+        const T* plane = x + nc * H * W;
+        int best_at = -1;
+        acc_t best = 0;
+        for (int kh = 0; kh < KH; ++kh) {
+            const int y = oh * sh - ph + kh;
+            if (y < 0 || y >= H) continue;
+            for (int kw = 0; kw < KW; ++kw) {
+                const int xx = ow * sw - pw + kw;
+                if (xx < 0 || xx >= W) continue;
+                const acc_t v = static_cast<acc_t>(plane[y * W + xx]);
+                if (best_at < 0 || v > best || v != v) { best = v; best_at = kh * KW + kw; }
+            }
+        }
+        out[i] = static_cast<T>(best);   // every window holds an in-bounds pixel (padding <= KH/2)
+        argmax[i] = best_at;
+    }
+}
+
+// dx (N, C, H, W) <- dout (N, C, OH, OW): pixel (y, xx) sums dout over the windows whose
+// argmax is this pixel; a pixel that lies in no window gets 0.
+template <typename T>
+__global__ void maxpool_backward(const T* dout, const int* argmax, T* dx, long long NC, int H, int W,
+                                 int KH, int KW, int OH, int OW, int sh, int sw, int ph, int pw) {
+    typedef typename Acc<T>::type acc_t;
+    const long long total = NC * H * W;
+    GRID_STRIDE_LOOP(i, total) {
+        long long t = i;
+        const int xx = t % W;  t /= W;
+        const int y  = t % H;  const long long nc = t / H;
+        const long long base = nc * OH * OW;
+        acc_t acc = 0;
+        for (int kh = 0; kh < KH; ++kh) {
+            int oy = y + ph - kh;
+            if (oy < 0 || oy % sh != 0) continue;
+            oy /= sh;
+            if (oy >= OH) continue;
+            for (int kw = 0; kw < KW; ++kw) {
+                int ox = xx + pw - kw;
+                if (ox < 0 || ox % sw != 0) continue;
+                ox /= sw;
+                if (ox >= OW) continue;
+                const long long o = base + (long long)oy * OW + ox;
+                if (argmax[o] == kh * KW + kw) acc += static_cast<acc_t>(dout[o]);
+            }
+        }
+        dx[i] = static_cast<T>(acc);
+    }
+}
+
+// Philox-4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011), the
+// counter-based generator behind cuRAND's Philox, JAX and PyTorch's CUDA dropout. Ten rounds
+// of multiply-and-xor mix a 128-bit counter under a 64-bit key; the same (key, counter) always
+// gives the same four words, on any device, in any order. That makes the generator's whole
+// state two integers (seed, offset): checkpoints store them and a resumed run draws the same.
+__device__ __forceinline__ void philox4x32_10(unsigned int ctr[4], unsigned int key0, unsigned int key1) {
+    for (int round = 0; round < 10; ++round) {
+        const unsigned long long p0 = 0xD2511F53ull * ctr[0];
+        const unsigned long long p1 = 0xCD9E8D57ull * ctr[2];
+        const unsigned int hi0 = (unsigned int)(p0 >> 32), lo0 = (unsigned int)p0;
+        const unsigned int hi1 = (unsigned int)(p1 >> 32), lo1 = (unsigned int)p1;
+        ctr[0] = hi1 ^ ctr[1] ^ key0;
+        ctr[1] = lo1;
+        ctr[2] = hi0 ^ ctr[3] ^ key1;
+        ctr[3] = lo0;
+        key0 += 0x9E3779B9u;   // the Weyl sequence that changes the key every round
+        key1 += 0xBB67AE85u;
+    }
+}
+
+// out[i] ~ U[0, 1) for i < n: element i is the first Philox word of counter (offset + i) under
+// key `seed`, its top 24 bits scaled by 2^-24 (exact in float32, never 1.0).
+extern "C" __global__ void uniform(float* out, long long n, unsigned long long seed,
+                                   unsigned long long offset) {
+    GRID_STRIDE_LOOP(i, n) {
+        const unsigned long long c = offset + (unsigned long long)i;
+        unsigned int ctr[4] = {(unsigned int)c, (unsigned int)(c >> 32), 0u, 0u};
+        philox4x32_10(ctr, (unsigned int)seed, (unsigned int)(seed >> 32));
+        out[i] = (float)(ctr[0] >> 8) * (1.0f / 16777216.0f);
+    }
+}
