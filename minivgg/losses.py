@@ -18,6 +18,12 @@ class SoftmaxCrossEntropy:
         L     = -(1/N) sum_n sum_k t[n,k] * log p[n,k]
         dL/dz = (softmax(z) - t) / N
     Subtracting max(z) keeps exp() from overflowing: logits of 1e4 stay finite.
+
+    Labels outside [0, K) are an error. On the CPU the check is a ValueError before any
+    compute. On the GPU, reading the labels' range back would cost a device-to-host copy
+    every step, so the check runs on the device: a batch with a bad label gives a NaN loss
+    (as PyTorch's CUDA kernel asserts on the device), and `check_labels` names the label;
+    the Trainer calls it when it sees a non-finite loss.
     """
 
     def __init__(self, label_smoothing=0.0):
@@ -49,10 +55,17 @@ class SoftmaxCrossEntropy:
             backend.get_array_module(logits, labels)
         except TypeError as e:
             raise TypeError(f"{name}: logits and labels are on different devices; {e}") from None
+        if backend.get_array_module(labels) is np:
+            self.check_labels(labels, K)
+
+    def check_labels(self, labels, num_classes: int) -> None:
+        """ValueError unless every label lies in [0, num_classes). Reads device labels back."""
         # NumPy reads label -1 as the last class and CuPy wraps indices, so check by hand.
+        labels = backend.to_numpy(labels)
         lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= K:
-            raise ValueError(f"{name}: labels must lie in [0, {K - 1}] for {K} classes, got min {lo}, max {hi}")
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"{self!r}: labels must lie in [0, {num_classes - 1}] for {num_classes} classes, "
+                             f"got min {lo}, max {hi}")
 
     def forward(self, logits, labels):
         self._check(logits, labels)
@@ -62,11 +75,17 @@ class SoftmaxCrossEntropy:
         log_p = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))    # (N, K)
         rows = xp.arange(N)
         eps = self.label_smoothing
+        if xp is not np:   # the device-side label check (see the class docstring)
+            valid = (labels >= 0) & (labels < K)                                # (N,)
+            labels = xp.where(valid, labels, 0)
         nll = -log_p[rows, labels]                                              # (N,)
         if eps > 0:
             nll = (1 - eps) * nll - (eps / K) * log_p.sum(axis=1)
         self.cache = (log_p, labels)
-        return nll.mean().astype(logits.dtype)                                  # ()
+        loss = nll.mean().astype(logits.dtype)                                  # ()
+        if xp is not np:
+            loss = xp.where(valid.all(), loss, logits.dtype.type(np.nan))       # () NaN if a label is bad
+        return loss
 
     def backward(self, dout=1.0):
         """dL/dlogits (N, K), times dout (the upstream gradient of the loss, usually 1)."""

@@ -1,7 +1,8 @@
 """How well a classifier does: top-k accuracy, the confusion matrix, per-class accuracy, evaluate().
 
-Notation: N samples, K classes. Metrics are computed on the host in NumPy: the logits
-(N, K) are small next to the images, so one copy per batch costs little on the GPU.
+Notation: N samples, K classes. The helpers below work on host (NumPy) arrays. evaluate()
+counts on the logits' own device and reads its totals back once at the end, so evaluating
+on the GPU costs no copy per batch (only while it still collects example images).
 """
 from __future__ import annotations
 
@@ -90,35 +91,44 @@ def evaluate(model, loader, loss_fn=None, num_classes=None, keep_examples: int =
     loss_fn = loss_fn or SoftmaxCrossEntropy()
     was_training = getattr(model, "training", False)
     model.eval()
-    loss_sum, n, K = 0.0, 0, num_classes
-    correct1 = correct5 = 0
-    confusion = None
+    n, K = 0, num_classes
+    totals = None   # [loss sum, top-1 count, top-5 count, confusion (K*K)...] as float64, on the device
     examples, mistakes = _Keeper(keep_examples), _Keeper(keep_examples)
     try:
         for i, (x, y) in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
             logits = model.forward(x)                                   # (B, K)
-            loss_sum += float(loss_fn(logits, y)) * len(y)
-            logits_np, y_np = backend.to_numpy(logits), backend.to_numpy(y).astype(np.int64)
+            xp = backend.get_array_module(logits)
             if K is None:
-                K = logits_np.shape[1]
-            if confusion is None:
-                confusion = np.zeros((K, K), dtype=np.int64)
-            preds = logits_np.argmax(axis=1)                            # (B,)
-            correct1 += int((preds == y_np).sum())
-            correct5 += int(topk_correct(logits_np, y_np, min(5, K)).sum())
-            confusion += confusion_matrix(y_np, preds, K)
-            n += len(y_np)
-            if keep_examples:
-                conf = softmax(logits_np.astype(np.float64)).max(axis=1)
-                examples.add(x, y_np, preds, conf)
-                mistakes.add(x, y_np, preds, conf, mask=preds != y_np)
+                K = logits.shape[1]
+            loss = loss_fn(logits, y)                                   # ()
+            y = xp.asarray(y).astype(xp.int64)                          # (B,)
+            y = xp.where((y >= 0) & (y < K), y, 0)   # a bad label (GPU: NaN loss, named below) indexes nothing out of range
+            preds = logits.argmax(axis=1)                               # (B,)
+            true_score = logits[xp.arange(len(y)), y][:, None]          # (B, 1)
+            top5 = (logits > true_score).sum(axis=1) < min(5, K)        # (B,) fewer than 5 beat the truth
+            batch = xp.concatenate([xp.stack([loss.astype(xp.float64) * len(y),
+                                              (preds == y).sum().astype(xp.float64),
+                                              top5.sum().astype(xp.float64)]),
+                                    xp.bincount(y * K + preds, minlength=K * K).astype(xp.float64)])
+            totals = batch if totals is None else totals + batch        # (3 + K*K,)
+            n += len(y)
+            if keep_examples and (examples.count < keep_examples or mistakes.count < keep_examples):
+                conf = softmax(backend.to_numpy(logits).astype(np.float64)).max(axis=1)
+                y_np, preds_np = backend.to_numpy(y), backend.to_numpy(preds)
+                examples.add(x, y_np, preds_np, conf)
+                mistakes.add(x, y_np, preds_np, conf, mask=preds_np != y_np)
     finally:
         model.train(was_training)
     if n == 0:
         raise ValueError("evaluate: the loader yielded no batches")
-    out = {"loss": loss_sum / n, "top1": correct1 / n, "top5": correct5 / n,
+    totals = backend.to_numpy(totals)                                   # the one copy to the host
+    if not np.isfinite(totals[0]) and hasattr(loss_fn, "check_labels"):
+        for _, y in loader:   # a NaN loss on the GPU can mean a bad label: name it
+            loss_fn.check_labels(y, K)
+    confusion = totals[3:].astype(np.int64).reshape(K, K)
+    out = {"loss": float(totals[0]) / n, "top1": float(totals[1]) / n, "top5": float(totals[2]) / n,
            "per_class": per_class_accuracy(confusion), "confusion": confusion, "n": n}
     if keep_examples:
         out["examples"], out["mistakes"] = examples.result(), mistakes.result()

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .. import backend
 from ..losses import SoftmaxCrossEntropy
 from . import plots
 from .checkpoint import atomic_savez, checkpoint_arrays, load_checkpoint
@@ -179,14 +180,35 @@ class Trainer:
             raise NonFiniteLossError(what, value, epoch=self.epoch + 1, step=self.global_step + 1,
                                      batch=batch, checkpoint=self.last_path if self.checkpoints else None)
 
-    def _micro_batch(self, x, y, batch):
-        """Forward + backward on one micro-batch; returns (loss, correct count)."""
+    def _micro_batch(self, x, y):
+        """Forward + backward on one micro-batch; returns (loss, correct count), both 0-d on x's device.
+
+        Nothing is read back here: the caller reads both (and the gradient norm) in one copy.
+        """
         logits = self.model.forward(x)                                  # (B, K)
-        loss = float(self.loss_fn(logits, y))
-        self._check_finite("loss", loss, batch)
+        loss = self.loss_fn(logits, y)                                  # ()
         self.model.backward(self.loss_fn.backward())
-        correct = int((logits.argmax(axis=1) == y).sum())
+        correct = (logits.argmax(axis=1) == y).sum()                    # ()
         return loss, correct
+
+    def _read_step(self, y, batch, loss, correct, norm=None):
+        """The step's one device-to-host copy: loss, correct count (and gradient norm), checked.
+
+        Runs after backward and before the optimizer step, so a non-finite value stops the
+        run with the weights untouched. A NaN loss on the GPU may mean a bad label (the loss
+        checks labels on the device): then the labels are read back and named.
+        """
+        xp = backend.get_array_module(loss)
+        parts = [loss.astype(xp.float64), correct.astype(xp.float64)]
+        if norm is not None:
+            parts.append(xp.asarray(norm, dtype=xp.float64))
+        values = backend.to_numpy(xp.stack(parts))                     # one copy to the host
+        if not math.isfinite(values[0]) and hasattr(self.loss_fn, "check_labels"):
+            self.loss_fn.check_labels(y, self.loss_fn.cache[0].shape[1])
+        self._check_finite("loss", float(values[0]), batch)
+        if norm is not None:
+            self._check_finite("gradient norm", float(values[2]), batch)
+        return float(values[0]), int(values[1])
 
     def _accumulate(self, sums):
         """Add this micro-batch's gradients (which the next backward overwrites) to `sums`."""
@@ -199,15 +221,18 @@ class Trainer:
             else:
                 sums[i] = g.copy()
 
-    def _optimizer_step(self, sums, count, batch):
+    def _prepare_step(self, sums, count):
+        """Average accumulated gradients and clip them; returns the gradient norm (0-d, on the device) or None."""
         if count > 1:  # average the summed micro-batch gradients
             for i, (m, k) in enumerate(_trainable(self.model)):
                 if i in sums:
                     m.grads[k] = sums[i] * sums[i].dtype.type(1.0 / count)
-        if self.clip_norm is not None:
-            from ..optim import clip_grad_norm
-            norm = float(clip_grad_norm(self.model, self.clip_norm))
-            self._check_finite("gradient norm", norm, batch)
+        if self.clip_norm is None:
+            return None
+        from ..optim import clip_grad_norm
+        return clip_grad_norm(self.model, self.clip_norm, sync=False)
+
+    def _optimizer_step(self):
         self.optimizer.step()
         self.global_step += 1
         if self.scheduler is not None and hasattr(self.scheduler, "step_batch"):
@@ -241,17 +266,20 @@ class Trainer:
                 if self.max_steps is not None and self.global_step >= self.max_steps:
                     p["time"] += time.perf_counter() - t0
                     return False
-                loss, correct = self._micro_batch(x, y, batch=i + 1)
+                loss, correct = self._micro_batch(x, y)
                 if self.accum_steps > 1:
                     self._accumulate(sums)
                 count += 1
+                last = total is not None and i + 1 == total
+                step_now = count == self.accum_steps or last
+                norm = self._prepare_step(sums, count) if step_now else None
+                loss, correct = self._read_step(y, i + 1, loss, correct, norm)
                 n = int(y.shape[0])
                 p["loss_sum"] += loss * n
                 p["correct"] += correct
                 p["seen"] += n
-                last = total is not None and i + 1 == total
-                if count == self.accum_steps or last:
-                    self._optimizer_step(sums, count, batch=i + 1)
+                if step_now:
+                    self._optimizer_step()
                     sums, count = {}, 0
                     self.batch_in_epoch = i + 1
                 elapsed = p["time"] + time.perf_counter() - t0
@@ -260,7 +288,10 @@ class Trainer:
                                 lr=f"{self._lr():.2e}", img_s=f"{p['seen'] / max(elapsed, 1e-9):.0f}",
                                 refresh=False)
             if count:  # a loader without len(): flush the last partial accumulation
-                self._optimizer_step(sums, count, batch=self.batch_in_epoch + count)
+                norm = self._prepare_step(sums, count)
+                if norm is not None:
+                    self._check_finite("gradient norm", float(norm), self.batch_in_epoch + count)
+                self._optimizer_step()
         finally:
             bar.close()
         p["time"] += time.perf_counter() - t0
