@@ -209,9 +209,9 @@ def test_loss_backward_before_forward():
 
 
 # -- numpy and cupy mixed in one call ---------------------------------------------------------------
-def test_numpy_input_to_a_gpu_layer(device, rng):
-    if device == "cpu":
-        pytest.skip("needs a GPU to hold real CuPy arrays; test_fake_gpu_arrays_* cover the CPU")
+@pytest.mark.skipif(not backend.gpu_available(), reason="no GPU backend (CuPy or its stand-in) to hold device arrays")
+def test_numpy_input_to_a_gpu_layer(rng):
+    device = "gpu"
     layer = Linear(6, 4).to(device)
     with pytest.raises(TypeError, match=named(layer) + r": the input and the parameters are on different "
                                         r"devices; .*to_device"):

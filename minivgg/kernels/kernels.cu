@@ -23,6 +23,16 @@ template <> struct Acc<__half> { typedef float type; };
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (total); \
          i += (long long)blockDim.x * gridDim.x)
 
+// The output row whose window puts kernel row k on input row y (y = o*stride - pad + k), or -1
+// when there is none: o = (y + pad - k) / stride must divide exactly and lie in [0, out).
+// The same for columns. col2im and the pool backward use it to gather instead of scatter.
+__device__ __forceinline__ int window_at(int y, int k, int pad, int stride, int out) {
+    int o = y + pad - k;
+    if (o < 0 || o % stride != 0) return -1;
+    o /= stride;
+    return o < out ? o : -1;
+}
+
 // cols (C, KH, KW, N, OH, OW) <- x (N, C, H, W): element (c, kh, kw, b, oh, ow) is the pixel
 // x[b, c, oh*sh - ph + kh, ow*sw - pw + kw], or 0 where that falls in the padding.
 template <typename T>
@@ -43,8 +53,7 @@ __global__ void im2col(const T* x, T* cols, int N, int C, int H, int W, int KH, 
 }
 
 // dx (N, C, H, W) <- cols, the adjoint of im2col: pixel (y, xx) sums every column entry that
-// was copied from it. It sat at kernel offset (kh, kw) of output (oy, ox) exactly when
-// y = oy*sh - ph + kh, i.e. oy = (y + ph - kh) / sh with no remainder and 0 <= oy < OH.
+// was copied from it, at kernel offset (kh, kw) of the output (oy, ox) = window_at(...).
 template <typename T>
 __global__ void col2im(const T* cols, T* dx, int N, int C, int H, int W, int KH, int KW,
                        int OH, int OW, int sh, int sw, int ph, int pw) {
@@ -57,15 +66,11 @@ __global__ void col2im(const T* cols, T* dx, int N, int C, int H, int W, int KH,
         const int c  = t % C;  const int b = t / C;
         acc_t acc = 0;
         for (int kh = 0; kh < KH; ++kh) {
-            int oy = y + ph - kh;
-            if (oy < 0 || oy % sh != 0) continue;
-            oy /= sh;
-            if (oy >= OH) continue;
+            const int oy = window_at(y, kh, ph, sh, OH);
+            if (oy < 0) continue;
             for (int kw = 0; kw < KW; ++kw) {
-                int ox = xx + pw - kw;
-                if (ox < 0 || ox % sw != 0) continue;
-                ox /= sw;
-                if (ox >= OW) continue;
+                const int ox = window_at(xx, kw, pw, sw, OW);
+                if (ox < 0) continue;
                 const long long row = ((long long)c * KH + kh) * KW + kw;
                 acc += static_cast<acc_t>(cols[((row * N + b) * OH + oy) * OW + ox]);
             }
@@ -119,15 +124,11 @@ __global__ void maxpool_backward(const T* dout, const int* argmax, T* dx, long l
         const long long base = nc * OH * OW;
         acc_t acc = 0;
         for (int kh = 0; kh < KH; ++kh) {
-            int oy = y + ph - kh;
-            if (oy < 0 || oy % sh != 0) continue;
-            oy /= sh;
-            if (oy >= OH) continue;
+            const int oy = window_at(y, kh, ph, sh, OH);
+            if (oy < 0) continue;
             for (int kw = 0; kw < KW; ++kw) {
-                int ox = xx + pw - kw;
-                if (ox < 0 || ox % sw != 0) continue;
-                ox /= sw;
-                if (ox >= OW) continue;
+                const int ox = window_at(xx, kw, pw, sw, OW);
+                if (ox < 0) continue;
                 const long long o = base + (long long)oy * OW + ox;
                 if (argmax[o] == kh * KW + kw) acc += static_cast<acc_t>(dout[o]);
             }
