@@ -95,17 +95,23 @@ def maxpool_forward_cpu(x, KH: int, KW: int, stride: tuple, pad: tuple):
 def maxpool_backward_cpu(dout, argmax, x_shape, KH: int, KW: int, stride: tuple, pad: tuple):
     """Route each dout to its window's argmax; overlapping windows add up.
 
-    dout, argmax (N, C, OH, OW) -> dx (N, C, H, W). When windows do not overlap
-    (stride >= kernel) every pixel hears from one window at most, so each
-    offset's share is written, not added.
+    dout, argmax (N, C, OH, OW) -> dx (N, C, H, W). One pass per window offset
+    (kh, kw): the windows whose argmax is that offset send their dout to the
+    pixel at that offset. When windows do not overlap (stride >= kernel) each
+    pixel hears from one window at most, so each offset's share is written,
+    not added. dx starts at zero, except when the windows tile the padded
+    input exactly (stride == kernel, sh*OH == Hp): only then does every pixel
+    get written. (With stride > kernel the pixels between windows are in no
+    window, and their gradient is 0.)
     """
     N, C, H, W = x_shape
     sh, sw = stride
     ph, pw = pad
     OH, OW = dout.shape[2:]
+    Hp, Wp = H + 2 * ph, W + 2 * pw
     disjoint = sh >= KH and sw >= KW
-    alloc = np.empty if disjoint and (sh * OH, sw * OW) == (H + 2 * ph, W + 2 * pw) else np.zeros
-    dxpad = alloc((N, C, H + 2 * ph, W + 2 * pw), dtype=dout.dtype)    # (N, C, Hp, Wp)
+    tiles = (sh, sw) == (KH, KW) and (sh * OH, sw * OW) == (Hp, Wp)
+    dxpad = (np.empty if tiles else np.zeros)((N, C, Hp, Wp), dtype=dout.dtype)  # (N, C, Hp, Wp)
     hit = np.empty(argmax.shape, dtype=bool)                           # (N, C, OH, OW)
     for kh in range(KH):
         for kw in range(KW):
@@ -115,4 +121,4 @@ def maxpool_backward_cpu(dout, argmax, x_shape, KH: int, KW: int, stride: tuple,
                 np.multiply(dout, hit, out=target)
             else:
                 target += dout * hit
-    return dxpad[:, :, ph:ph + H, pw:pw + W]
+    return dxpad[:, :, ph:ph + H, pw:pw + W]                           # (N, C, H, W)
