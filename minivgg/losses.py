@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import backend
+from .layers.base import Layer
 
 
 class SoftmaxCrossEntropy:
@@ -89,9 +90,7 @@ class SoftmaxCrossEntropy:
 
     def backward(self, dout=1.0):
         """dL/dlogits (N, K), times dout (the upstream gradient of the loss, usually 1)."""
-        if self.cache is None:
-            raise RuntimeError(f"{self!r}: backward called before forward; run forward first")
-        log_p, labels = self.cache
+        log_p, labels = Layer.saved(self)   # the layers' guard: forward must have run
         xp = backend.get_array_module(log_p)
         N, K = log_p.shape
         eps = self.label_smoothing

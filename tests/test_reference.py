@@ -134,3 +134,21 @@ def test_maxpool2d_equals_loop_reference(device, rng, dtype, N, C, H, W, k, s, p
     assert dx.shape == dx_ref.shape
     assert rel(dx, dx_ref) < RTOL[dtype]             # overlapping windows may add in another order
     np.testing.assert_array_equal(dx == 0, dx_ref == 0)
+
+
+@pytest.mark.parametrize("first_mb,then_mb", [(256, 0.001), (0.001, 256)],
+                         ids=["kept-whole-then-chunked", "chunked-then-whole"])
+@pytest.mark.parametrize("case", CONV_CASES[:3] + CONV_CASES[-1:], ids=CONV_IDS[:3] + CONV_IDS[-1:])
+def test_conv2d_workspace_limit_changed_between_forward_and_backward(device, rng, tiny_workspace,
+                                                                     first_mb, then_mb, case):
+    """Backward uses the columns forward kept (whole batch), or rebuilds them all: never a mix."""
+    layer, x, dout = make_conv(rng, np.float64, *case)
+    layer.to(device)
+    kernels.set_workspace_limit(first_mb)
+    out = layer.forward(backend.to_device(x, device))
+    kernels.set_workspace_limit(then_mb)
+    dx = layer.backward(backend.to_device(dout, device))
+    grads = [layer.grads["weight"]] + ([layer.grads["bias"]] if "bias" in layer.params else [])
+    ref = run_reference(layer, x, dout)
+    for name, a, b in zip(["out", "dx", "dW", "db"], [out, dx] + grads, ref):
+        assert rel(backend.to_numpy(a), b) < RTOL[np.float64], name

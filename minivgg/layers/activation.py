@@ -21,8 +21,8 @@ class ReLU(Layer):
         return xp.maximum(x, 0)                                        # same shape as x
 
     def backward(self, dout):
-        x = self.cache
-        self.check_dout(dout, x.shape if x is not None else (), like=x)
+        x = self.saved()
+        self.check_dout(dout, x.shape, like=x)
         return dout * (x > 0)                                          # a new array; dout untouched
 
 
@@ -62,13 +62,11 @@ class Dropout(Layer):
         return x * mask
 
     def backward(self, dout):
-        if self.cache is None:
-            raise RuntimeError(f"{self!r}: backward called before forward; run forward first")
-        like = self.cache[-1]
-        self.check_dout(dout, like.shape, like=like)
-        if self.cache[0] == "identity":
+        kind, *mask, x = self.saved()
+        self.check_dout(dout, x.shape, like=x)
+        if kind == "identity":
             return dout.copy()
-        return dout * self.cache[1]
+        return dout * mask[0]                                          # same shape as x
 
     def __repr__(self):
         return f"Dropout(p={self.p})"

@@ -2,7 +2,8 @@
 
 A layer holds its trainable arrays in ``params`` and their gradients, under the
 same keys, in ``grads``. ``forward(x)`` stores in ``self.cache`` exactly what
-``backward`` needs; ``backward(dout)`` returns dx and **overwrites**
+``backward`` needs; ``backward(dout)`` takes it back with ``self.saved()`` (which
+raises if forward has not run), returns dx and **overwrites**
 ``grads`` (it never accumulates: to sum gradients over micro-batches, add them
 up yourself, as ``minivgg.train`` does). Non-trainable state such as
 BatchNorm's running statistics lives in ``buffers``.
@@ -154,11 +155,16 @@ class Layer:
                                 f"{p.dtype}; cast the input, or the layer with .astype({x.dtype})")
                 # (no silent up-casting: a layer never changes a dtype)
 
-    def check_dout(self, dout, expected_shape, like):
-        """Backward's guard: forward ran, and dout matches its output."""
+    def saved(self):
+        """What forward left in ``self.cache`` for backward: the one guard against calling
+        backward before forward (or after ``to``/``astype`` cleared the cache)."""
         if self.cache is None:
             raise RuntimeError(f"{self!r}: backward called before forward (or after the cache "
                                "was cleared); run forward on this batch first")
+        return self.cache
+
+    def check_dout(self, dout, expected_shape, like):
+        """Backward's other guard: dout is an array shaped and typed like forward's output."""
         if not hasattr(dout, "shape"):
             raise TypeError(f"{self!r}: dout must be an array, got {type(dout).__name__}")
         self.check_same_device("dout and the forward input", dout, like)

@@ -34,12 +34,15 @@ class Conv2d(Layer):
     (a pixel inside several windows receives several contributions).
     With stride 1 the same dL/dx is itself a convolution: dout, padded by
     K-1-p, correlated with the kernel flipped in space and with its F and C
-    axes swapped. That runs as im2col + GEMM again and avoids col2im's scattered
-    adds, so backward uses it when F <= 4*C (tests/test_reference.py checks both).
+    axes swapped (input_grad_by_flipped_kernel, derived there). That runs as
+    im2col + GEMM again and avoids col2im's scattered adds, so backward uses it
+    when flipped_kernel_applies: stride 1, padding < kernel, F <= 4*C
+    (tests/test_reference.py checks both paths against the loop reference).
 
     Memory: cols is KH*KW times the size of x, so the batch is processed in
     chunks that fit the workspace limit (minivgg.kernels.set_workspace_limit).
-    When the batch fits in one chunk, forward keeps cols for dL/dW.
+    When the batch fits in one chunk, forward keeps cols for dL/dW, and
+    backward uses them as they are even if the limit has changed since.
     Set needs_input_grad = False on a network's first layer to skip dL/dx.
     """
 
@@ -79,35 +82,34 @@ class Conv2d(Layer):
         return out
 
     def backward(self, dout):
-        if self.cache is None:
-            raise RuntimeError(f"{self!r}: backward called before forward; run forward first")
-        x, kept_cols = self.cache
+        x, kept_cols = self.saved()
         N, C, H, W = x.shape
         (KH, KW), (sh, sw), (ph, pw), F = self.kernel_size, self.stride, self.padding, self.out_channels
         OH, OW = out_size(H, KH, sh, ph), out_size(W, KW, sw, pw)
         self.check_dout(dout, (N, F, OH, OW), like=x)
         xp = backend.get_array_module(x)
         Wm = self.params["weight"].reshape(F, C * KH * KW)               # (F, C*KH*KW)
-        # the flipped-kernel path builds columns from dout (F channels) instead of
-        # scattering x's (C channels): worth it unless F is much larger than C
-        flip_path = (sh, sw) == (1, 1) and ph < KH and pw < KW and F <= 4 * C
-        want_dx = self.needs_input_grad
+        by_flip = self.needs_input_grad and flipped_kernel_applies(self.kernel_size, self.stride,
+                                                                   self.padding, F, C)
+        by_col2im = self.needs_input_grad and not by_flip
         dWm = xp.zeros((F, C * KH * KW), dtype=x.dtype)                   # (F, C*KH*KW)
-        dx = xp.empty_like(x) if want_dx and not flip_path else None      # (N, C, H, W)
-        for s in batch_chunks(N, C * KH * KW * OH * OW * x.itemsize):
+        dx = xp.empty_like(x) if by_col2im else None                      # (N, C, H, W)
+        # Columns forward kept cover the whole batch: use them as one chunk, whatever the
+        # workspace limit is now. Otherwise rebuild them chunk by chunk. Never mix the two.
+        chunks = [slice(0, N)] if kept_cols is not None else \
+            batch_chunks(N, C * KH * KW * OH * OW * x.itemsize)
+        for s in chunks:
             cols = kept_cols if kept_cols is not None else \
                 im2col(x[s], KH, KW, self.stride, self.padding)           # (C*KH*KW, n*OH*OW)
             D = dout[s].transpose(1, 0, 2, 3).reshape(F, -1)              # (F, n*OH*OW)
             dWm += D @ cols.T                                             # (F, C*KH*KW)
-            if dx is not None:
+            if by_col2im:  # the textbook dL/dx: each column entry back onto its pixel
                 dx[s] = col2im(Wm.T @ D, x[s].shape, KH, KW, self.stride, self.padding)  # (n, C, H, W)
         self.grads["weight"] = dWm.reshape(F, C, KH, KW)                  # (F, C, KH, KW)
         if "bias" in self.params:
             self.grads["bias"] = dout.sum(axis=(0, 2, 3))                 # (F,)
-        if want_dx and flip_path:
-            W_flip = self.params["weight"][:, :, ::-1, ::-1].transpose(1, 0, 2, 3)  # (C, F, KH, KW)
-            W_flip = xp.ascontiguousarray(W_flip).reshape(C, F * KH * KW)           # (C, F*KH*KW)
-            dx, _ = correlate(dout, W_flip, KH, KW, (1, 1), (KH - 1 - ph, KW - 1 - pw))  # (N, C, H, W)
+        if by_flip:    # the same dL/dx, as a convolution of dout (faster: no scattered adds)
+            dx = input_grad_by_flipped_kernel(dout, self.params["weight"], self.padding)  # (N, C, H, W)
         return dx
 
     def __repr__(self):
@@ -135,9 +137,37 @@ def correlate(x, Wm, KH, KW, stride, pad, keep_cols=False):
     return out, (cols if keep_cols and len(chunks) == 1 else None)
 
 
+def flipped_kernel_applies(kernel_size, stride, padding, F: int, C: int) -> bool:
+    """When Conv2d.backward computes dL/dx by input_grad_by_flipped_kernel: all three of
+    stride 1 (then every dout entry is one window position, with no gaps between),
+    padding < kernel (the pad K-1-p it needs is not negative), and F <= 4*C (its
+    columns are built from dout's F channels instead of x's C: worth it unless F is
+    much larger than C)."""
+    (KH, KW), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    return (sh, sw) == (1, 1) and ph < KH and pw < KW and F <= 4 * C
+
+
+def input_grad_by_flipped_kernel(dout, weight, padding):
+    """dL/dx of a stride-1 convolution, computed as a convolution of dout.
+
+    dout (N, F, OH, OW), weight (F, C, KH, KW) -> dx (N, C, H, W). On one axis,
+    out[i] = sum_k xpad[i+k] W[k], so dxpad[j] = sum_k dout[j-k] W[k]:
+      why flip:   with k' = K-1-k that is sum_k' dout[j-(K-1)+k'] W[K-1-k'], a correlation with W reversed;
+      why K-1-p:  dout[j-(K-1)+k'] reads dout padded by K-1, and dx[m] = dxpad[m+p] removes p of it;
+      why swap:   out[f] sums x[c] * W[f,c] over c, so dx[c] sums dout[f] * W[f,c] over f: a (C, F) kernel.
+    """
+    F, C, KH, KW = weight.shape
+    ph, pw = padding
+    xp = backend.get_array_module(dout)
+    W_flip = weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)                   # (C, F, KH, KW)
+    W_flip = xp.ascontiguousarray(W_flip).reshape(C, F * KH * KW)             # (C, F*KH*KW)
+    dx, _ = correlate(dout, W_flip, KH, KW, (1, 1), (KH - 1 - ph, KW - 1 - pw))  # (N, C, H, W)
+    return dx
+
+
 # ---------------------------------------------------------------------------
 # The reference: the definition of convolution, one output pixel at a time.
-# Slow, obviously right, and tested equal to Conv2d (tests/test_conv.py).
+# Slow, obviously right, and tested equal to Conv2d (tests/test_reference.py).
 # ---------------------------------------------------------------------------
 def conv2d_naive(x, weight, bias=None, stride=1, padding=0):
     """out[n, f, i, j] = b[f] + sum_{c,kh,kw} x_pad[n, c, i*sh + kh, j*sw + kw] * W[f, c, kh, kw]."""

@@ -40,8 +40,8 @@ class Linear(Layer):
         return out
 
     def backward(self, dout):
-        x = self.cache
-        self.check_dout(dout, (x.shape[0] if x is not None else 0, self.out_features), like=x)
+        x = self.saved()
+        self.check_dout(dout, (x.shape[0], self.out_features), like=x)
         self.grads["weight"] = dout.T @ x                              # (O, I)
         if "bias" in self.params:
             self.grads["bias"] = dout.sum(axis=0)                      # (O,)
@@ -67,6 +67,6 @@ class Flatten(Layer):
         return x.reshape(x.shape[0], -1)                               # (N, C*H*W)
 
     def backward(self, dout):
-        x = self.cache
-        self.check_dout(dout, (x.shape[0], x[0].size) if x is not None else (), like=x)
+        x = self.saved()
+        self.check_dout(dout, (x.shape[0], x[0].size), like=x)
         return dout.reshape(x.shape)                                   # (N, C, H, W)

@@ -68,9 +68,7 @@ class BatchNorm2d(Layer):
         b["running_var"] = (1 - dt(m)) * b["running_var"] + dt(m) * (var * dt(M / (M - 1))).astype(b["running_var"].dtype)
 
     def backward(self, dout):
-        if self.cache is None:
-            raise RuntimeError(f"{self!r}: backward called before forward; run forward first")
-        x, mu, inv_std, training = self.cache
+        x, mu, inv_std, training = self.saved()
         self.check_dout(dout, x.shape, like=x)
         N, C, H, W = x.shape
         M = x.dtype.type(N * H * W)

@@ -49,9 +49,7 @@ class MaxPool2d(Layer):
         return out
 
     def backward(self, dout):
-        if self.cache is None:
-            raise RuntimeError(f"{self!r}: backward called before forward; run forward first")
-        x, argmax = self.cache
+        x, argmax = self.saved()
         self.check_dout(dout, argmax.shape, like=x)
         KH, KW = self.kernel_size
         return maxpool_backward(dout, argmax, x.shape, KH, KW, self.stride, self.padding)  # (N, C, H, W)
@@ -126,13 +124,12 @@ class AdaptiveAvgPool2d(Layer):
             for i, (h0, h1) in enumerate(self._bins(H, OH)):
                 for j, (w0, w1) in enumerate(self._bins(W, OW)):
                     out[:, :, i, j] = x[:, :, h0:h1, w0:w1].mean(axis=(2, 3))
-        self.cache = (x.shape, x)
+        self.cache = x
         return out.astype(x.dtype, copy=False)
 
     def backward(self, dout):
-        if self.cache is None:
-            raise RuntimeError(f"{self!r}: backward called before forward; run forward first")
-        (N, C, H, W), x = self.cache
+        x = self.saved()
+        N, C, H, W = x.shape
         OH, OW = self.output_size
         self.check_dout(dout, (N, C, OH, OW), like=x)
         xp = backend.get_array_module(dout)
