@@ -393,7 +393,8 @@ def run(args) -> int:
                       loss_fn=SoftmaxCrossEntropy(args.label_smoothing), scheduler=sched, out_dir=out,
                       accum_steps=args.accum_steps, clip_norm=args.clip_norm, patience=args.patience,
                       class_names=data["classes"], device=args.device, max_steps=args.max_steps,
-                      extra=extra, plots=args.plots, progress=args.progress)
+                      extra=extra, plots=args.plots, progress=args.progress,
+                      skip_input_grad=True)   # the images need no gradient (as in torch)
     out.mkdir(parents=True, exist_ok=True)
     if args.plots:
         draw_architecture(model, (C, S, S), out / "architecture.png")

@@ -1,7 +1,8 @@
 """The training loop: micro-batches, gradient accumulation, evaluation, checkpoints, plots, resume.
 
 One optimizer step = forward + backward on `accum_steps` micro-batches, their gradients
-summed and scaled by 1/accum_steps (layers' backward overwrites grads, so the sum is kept
+summed and divided by the number of micro-batches summed: accum_steps, or fewer for the
+last, partial group of an epoch (layers' backward overwrites grads, so the sum is kept
 here), optional clipping, then optimizer.step(). Each epoch ends with an evaluation, the
 history (JSON and CSV), the plots, last.npz and, when validation accuracy improves, best.npz.
 
@@ -68,6 +69,9 @@ def skip_input_grad(model) -> bool:
     return False
 
 
+_skip_first_input_grad = skip_input_grad   # the Trainer argument of that name shadows it
+
+
 def _trainable(model):
     """(layer, key) for every trainable parameter, in named_parameters order."""
     return [(m, k) for _, m in model.modules() if not m.frozen for k in m.params]
@@ -80,7 +84,11 @@ class Trainer:
     history.json / history.csv, eval.json (last confusion matrix and per-class accuracy)
     and history.png, confusion.png, predictions.png, mistakes.png.
 
-    accum_steps   micro-batches per optimizer step (gradients averaged over them)
+    accum_steps   micro-batches per optimizer step (gradients averaged over them; an epoch's
+                  last group may be shorter and is averaged over its own count)
+    skip_input_grad  opt-in (default False): set the first layer's needs_input_grad = False
+                  so it skips dL/dx of the images, as PyTorch does; model.backward then
+                  returns None (no saliency maps from that model until you set it back)
     clip_norm     clip the global gradient norm to this value before each step
     patience      stop after this many epochs without a better validation top-1
     max_steps     stop after this many optimizer steps in total (checkpoint written)
@@ -101,13 +109,14 @@ class Trainer:
     def __init__(self, model, optimizer, train_loader, val_loader=None, loss_fn=None, scheduler=None,
                  out_dir="runs/x", accum_steps=1, clip_norm=None, patience=None, class_names=None,
                  device="cpu", max_steps=None, extra=None, plots=True, progress=True,
-                 keep_examples=32, checkpoints=True):
+                 keep_examples=32, checkpoints=True, skip_input_grad=False):
         if int(accum_steps) < 1:
             raise ValueError(f"Trainer: accum_steps must be >= 1, got {accum_steps}")
         if patience is not None and int(patience) < 1:
             raise ValueError(f"Trainer: patience must be >= 1 or None, got {patience}")
         self.model = model.to(device) if device != "cpu" else model
-        skip_input_grad(self.model)
+        if skip_input_grad:   # opt-in: it changes what model.backward returns
+            _skip_first_input_grad(self.model)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_loader, self.val_loader = train_loader, val_loader
         self.loss_fn = loss_fn or SoftmaxCrossEntropy()

@@ -1,0 +1,59 @@
+# The reader's programs run and teach what they say: the minimal loop learns Fashion-MNIST, and
+# constructing a Trainer leaves the model's backward as it was unless asked (skip_input_grad=True).
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minivgg import backend
+from minivgg.data import DataLoader
+from minivgg.layers import Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sequential
+from minivgg.optim import SGD
+from minivgg.train import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_data = pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason=(
+    "Fashion-MNIST absent: apt-get install dataset-fashion-mnist (CI installs it)"))
+
+
+def load_example(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+@needs_data
+def test_minimal_loop_learns_fashion_mnist(capsys):
+    losses, accuracy = load_example("minimal_train").train(steps=120, log_every=0)
+    assert len(losses) == 120
+    assert np.mean(losses[-20:]) < 0.5 * losses[0], "the loss did not fall"
+    assert accuracy > 0.6, f"test accuracy {accuracy:.3f}: the loop did not learn (chance is 0.1)"
+
+
+def tiny_model():
+    backend.seed(0)
+    return Sequential(Conv2d(1, 2, 3, padding=1), ReLU(), MaxPool2d(2), Flatten(), Linear(2 * 4 * 4, 3))
+
+
+def input_grad(model, rng):
+    x = rng.standard_normal((2, 1, 8, 8)).astype(np.float32)
+    out = model.forward(x)
+    return model.backward(np.ones_like(out))
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_constructing_a_trainer_changes_the_model_only_when_asked(tmp_path, rng, skip):
+    model = tiny_model()
+    loader = DataLoader(np.zeros((4, 1, 8, 8), np.uint8), np.zeros(4, np.int64), batch_size=2)
+    Trainer(model, SGD(model, lr=0.1), loader, out_dir=tmp_path, progress=False, plots=False,
+            skip_input_grad=skip)
+    assert model[0].needs_input_grad is (not skip)
+    dx = input_grad(model, rng)
+    if skip:   # the documented opt-in: the first layer skips dL/dx of the images
+        assert dx is None
+    else:
+        assert dx is not None and dx.shape == (2, 1, 8, 8)
