@@ -152,3 +152,42 @@ def test_conv2d_workspace_limit_changed_between_forward_and_backward(device, rng
     ref = run_reference(layer, x, dout)
     for name, a, b in zip(["out", "dx", "dW", "db"], [out, dx] + grads, ref):
         assert rel(backend.to_numpy(a), b) < RTOL[np.float64], name
+
+
+# (N, C, H, W, kernel, stride, padding): the im2col shapes of CONV_CASES, plus gaps between windows
+COL_CASES = [(c[0], c[1], c[2], c[3], c[5], c[6], c[7]) for c in CONV_CASES] + [(2, 2, 9, 8, 2, 3, 1)]
+
+
+@pytest.mark.parametrize("N,C,H,W,k,s,p", COL_CASES)
+def test_im2col_and_col2im_equal_their_loop_references(device, rng, N, C, H, W, k, s, p):
+    (KH, KW), stride, pad = [(v, v) if isinstance(v, int) else v for v in (k, s, p)]
+    x = rng.standard_normal((N, C, H, W))
+    cols_ref = kernels.im2col_naive(x, KH, KW, stride, pad)
+    cols = backend.to_numpy(kernels.im2col(backend.to_device(x, device), KH, KW, stride, pad))
+    np.testing.assert_array_equal(cols, cols_ref)                      # a copy: exact
+    dcols = rng.standard_normal(cols_ref.shape)
+    dx_ref = kernels.col2im_naive(dcols, x.shape, KH, KW, stride, pad)
+    dx = backend.to_numpy(kernels.col2im(backend.to_device(dcols, device), x.shape, KH, KW, stride, pad))
+    assert rel(dx, dx_ref) < RTOL[np.float64]                          # overlaps add in another order
+    # adjoints: <im2col(x), dcols> == <x, col2im(dcols)>
+    assert abs(np.vdot(cols_ref, dcols) - np.vdot(x, dx_ref)) < 1e-10 * np.abs(cols_ref * dcols).sum()
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 6), (2, 5, 1, 1), (3, 2, 7, 3)])
+def test_batchnorm2d_fused_equals_its_reference(device, rng, shape):
+    from minivgg.layers import BatchNorm2d, batchnorm2d_reference
+    C = shape[1]
+    layer = BatchNorm2d(C).astype(np.float64)
+    layer.params["weight"][...] = rng.uniform(0.5, 2.0, C)
+    layer.params["bias"][...] = rng.standard_normal(C)
+    x = rng.standard_normal(shape) * 3 + 2
+    dout = rng.standard_normal(shape)
+    layer.to(device)
+    xd, doutd = backend.to_device(x, device), backend.to_device(dout, device)
+    out = layer.forward(xd)
+    dx = layer.backward(doutd)
+    out_ref, backward_ref = batchnorm2d_reference(xd, layer.params["weight"], layer.params["bias"], layer.eps)
+    dx_ref, dgamma_ref, dbeta_ref = backward_ref(doutd)
+    for name, a, b in [("out", out, out_ref), ("dx", dx, dx_ref), ("dgamma", layer.grads["weight"], dgamma_ref),
+                       ("dbeta", layer.grads["bias"], dbeta_ref)]:
+        assert rel(backend.to_numpy(a), backend.to_numpy(b)) < RTOL[np.float64], name

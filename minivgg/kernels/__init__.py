@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 
 from ..backend import is_gpu_array
-from .cpu import (col2im_cpu, im2col_cpu, maxpool_backward_cpu, maxpool_forward_cpu,
-                  out_size, pad_input)
+from .cpu import (col2im_cpu, col2im_naive, im2col_cpu, im2col_naive, maxpool_backward_cpu,
+                  maxpool_forward_cpu, out_size, pad_input)
 
-__all__ = ["im2col", "col2im", "maxpool_forward", "maxpool_backward", "out_size", "pad_input",
+__all__ = ["im2col", "col2im", "im2col_naive", "col2im_naive", "maxpool_forward", "maxpool_backward", "out_size", "pad_input",
            "set_workspace_limit", "get_workspace_limit", "batch_chunks"]
 
 # Scratch budget of one convolution's columns, in bytes. im2col makes an array
@@ -46,11 +46,11 @@ def _gpu():
     return gpu
 
 
-def im2col(x, KH, KW, stride, pad, out=None):
+def im2col(x, KH, KW, stride, pad):
     """x (N, C, H, W) -> cols (C*KH*KW, N*OH*OW)."""
     if is_gpu_array(x):
         return _gpu().im2col_gpu(x, KH, KW, stride, pad)
-    return im2col_cpu(x, KH, KW, stride, pad, out)
+    return im2col_cpu(x, KH, KW, stride, pad)
 
 
 def col2im(cols, x_shape, KH, KW, stride, pad):

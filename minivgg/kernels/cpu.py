@@ -28,8 +28,44 @@ def pad_input(x, pad_h: int, pad_w: int, value=0.0):
     return padded
 
 
-def im2col_cpu(x, KH: int, KW: int, stride: tuple, pad: tuple, out=None):
-    """x (N, C, H, W) -> cols (C*KH*KW, N*OH*OW).
+# ---------------------------------------------------------------------------
+# The references: one window at a time. im2col copies the window's slice into
+# its column; col2im adds the column back onto the same slice. The same slice,
+# copy versus +=, is why they are adjoints: <im2col(x), cols> == <x, col2im(cols)>.
+# ---------------------------------------------------------------------------
+def im2col_naive(x, KH: int, KW: int, stride: tuple, pad: tuple):
+    """x (N, C, H, W) -> cols (C*KH*KW, N*OH*OW), window by window (reference for im2col_cpu)."""
+    N, C, H, W = x.shape
+    (sh, sw), (ph, pw) = stride, pad
+    OH, OW = out_size(H, KH, sh, ph), out_size(W, KW, sw, pw)
+    xpad = pad_input(x, ph, pw)                                       # (N, C, Hp, Wp)
+    cols = np.empty((C * KH * KW, N, OH, OW), dtype=x.dtype)          # (C*KH*KW, N, OH, OW)
+    for i in range(OH):
+        for j in range(OW):
+            window = xpad[:, :, i * sh:i * sh + KH, j * sw:j * sw + KW]   # (N, C, KH, KW)
+            cols[:, :, i, j] = window.reshape(N, C * KH * KW).T       # (C*KH*KW, N)
+    return cols.reshape(C * KH * KW, N * OH * OW)
+
+
+def col2im_naive(cols, x_shape, KH: int, KW: int, stride: tuple, pad: tuple):
+    """cols (C*KH*KW, N*OH*OW) -> dx (N, C, H, W), window by window (reference for col2im_cpu)."""
+    N, C, H, W = x_shape
+    (sh, sw), (ph, pw) = stride, pad
+    OH, OW = out_size(H, KH, sh, ph), out_size(W, KW, sw, pw)
+    cols4 = cols.reshape(C * KH * KW, N, OH, OW)                      # (C*KH*KW, N, OH, OW)
+    dxpad = np.zeros((N, C, H + 2 * ph, W + 2 * pw), dtype=cols.dtype)   # (N, C, Hp, Wp)
+    for i in range(OH):
+        for j in range(OW):
+            window = dxpad[:, :, i * sh:i * sh + KH, j * sw:j * sw + KW]  # (N, C, KH, KW) view
+            window += cols4[:, :, i, j].T.reshape(N, C, KH, KW)
+    return dxpad[:, :, ph:ph + H, pw:pw + W]                          # (N, C, H, W)
+
+
+# ---------------------------------------------------------------------------
+# The fast forms: one vectorised pass per kernel offset instead of per window.
+# ---------------------------------------------------------------------------
+def im2col_cpu(x, KH: int, KW: int, stride: tuple, pad: tuple):
+    """x (N, C, H, W) -> cols (C*KH*KW, N*OH*OW), as im2col_naive.
 
     Row (c, kh, kw), column (n, oh, ow) holds x_padded[n, c, oh*sh + kh, ow*sw + kw].
     A strided view addresses every window without copying; one copy lays it out.
@@ -41,18 +77,17 @@ def im2col_cpu(x, KH: int, KW: int, stride: tuple, pad: tuple, out=None):
     sN, sC, sH, sW = xpad.strides
     windows = as_strided(xpad, shape=(C, KH, KW, N, OH, OW),
                          strides=(sC, sH, sW, sN, sH * sh, sW * sw), writeable=False)
-    if out is None:
-        out = np.empty((C, KH, KW, N, OH, OW), dtype=x.dtype)
-    out = out.reshape(C, KH, KW, N, OH, OW)
-    np.copyto(out, windows)                                          # (C, KH, KW, N, OH, OW)
-    return out.reshape(C * KH * KW, N * OH * OW)
+    cols = np.empty((C, KH, KW, N, OH, OW), dtype=x.dtype)
+    np.copyto(cols, windows)                                         # (C, KH, KW, N, OH, OW)
+    return cols.reshape(C * KH * KW, N * OH * OW)
 
 
 def col2im_cpu(cols, x_shape, KH: int, KW: int, stride: tuple, pad: tuple):
-    """The adjoint of im2col: cols (C*KH*KW, N*OH*OW) -> dx (N, C, H, W).
+    """The adjoint of im2col: cols (C*KH*KW, N*OH*OW) -> dx (N, C, H, W), as col2im_naive.
 
     Every column entry is added back to the input pixel it was copied from;
-    pixels shared by overlapping windows collect several contributions.
+    pixels shared by overlapping windows collect several contributions. One
+    strided slice per kernel offset (kh, kw) covers that offset in every window.
     """
     N, C, H, W = x_shape
     sh, sw = stride

@@ -10,9 +10,9 @@ from .base import Layer
 from .container import Sequential
 from .conv import Conv2d, conv2d_naive, conv2d_naive_backward
 from .linear import Flatten, Linear
-from .norm import BatchNorm2d
+from .norm import BatchNorm2d, batchnorm2d_reference
 from .pool import AdaptiveAvgPool2d, MaxPool2d, maxpool2d_naive
 
 __all__ = ["Layer", "Conv2d", "ReLU", "MaxPool2d", "AdaptiveAvgPool2d", "Linear", "Flatten",
            "Dropout", "BatchNorm2d", "Sequential", "SoftmaxCrossEntropy",
-           "conv2d_naive", "conv2d_naive_backward", "maxpool2d_naive"]
+           "conv2d_naive", "conv2d_naive_backward", "maxpool2d_naive", "batchnorm2d_reference"]

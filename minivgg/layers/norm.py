@@ -1,4 +1,5 @@
-"""BatchNorm2d: normalise each channel over the batch and the image."""
+"""BatchNorm2d: normalise each channel over the batch and the image, with a plain
+reference (batchnorm2d_reference, one equation per line) beside the fused layer."""
 from __future__ import annotations
 
 import numpy as np
@@ -17,10 +18,13 @@ class BatchNorm2d(Layer):
         running_var  <- (1 - momentum) * running_var  + momentum * var * M / (M - 1)
     Eval: the same with running_mean and running_var in place of mu and var.
 
-    Backward (training), sums over (N, H, W):
+    Backward (training), sums and means over (N, H, W), inv_std = 1 / sqrt(var + eps):
         dL/dbeta  = sum(dout)
         dL/dgamma = sum(dout * xhat)
-        dL/dx     = gamma / (M * sqrt(var + eps)) * (M*dout - sum(dout) - xhat * sum(dout * xhat))
+        dxhat     = gamma * dout
+        dL/dx     = inv_std * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+    (mu and var depend on every x, hence the two mean terms; batchnorm2d_reference
+    below computes exactly these lines, and tests check the fused code against it.)
     Backward (eval): the statistics are constants, so dL/dx = dout * gamma / sqrt(running_var + eps).
     momentum=None uses a cumulative average, as PyTorch does.
     """
@@ -60,12 +64,12 @@ class BatchNorm2d(Layer):
         return out
 
     def _update_running(self, mu, var, M):
-        b = self.buffers
-        b["num_batches_tracked"][...] += 1                             # stays a 0-d array
-        m = self.momentum if self.momentum is not None else 1.0 / float(b["num_batches_tracked"])
-        dt = b["running_mean"].dtype.type
-        b["running_mean"] = (1 - dt(m)) * b["running_mean"] + dt(m) * mu.astype(b["running_mean"].dtype)
-        b["running_var"] = (1 - dt(m)) * b["running_var"] + dt(m) * (var * dt(M / (M - 1))).astype(b["running_var"].dtype)
+        buf = self.buffers
+        buf["num_batches_tracked"][...] += 1                           # stays a 0-d array
+        m = self.momentum if self.momentum is not None else 1.0 / float(buf["num_batches_tracked"])
+        dt = buf["running_mean"].dtype.type
+        buf["running_mean"] = (1 - dt(m)) * buf["running_mean"] + dt(m) * mu.astype(buf["running_mean"].dtype)
+        buf["running_var"] = (1 - dt(m)) * buf["running_var"] + dt(m) * (var * dt(M / (M - 1))).astype(buf["running_var"].dtype)
 
     def backward(self, dout):
         x, mu, inv_std, training = self.saved()
@@ -81,16 +85,44 @@ class BatchNorm2d(Layer):
         self.grads["bias"] = sum_dout                                      # (C,)
         if not training:
             return dout * (gamma * inv_std).reshape(1, C, 1, 1)            # (N, C, H, W)
-        # dx = gamma*inv_std/M * (M*dout - sum_dout - xhat*sum_dout_xhat) is affine in dout
-        # and xc per channel: dx = a*dout + b*xc + c, in three passes.
-        a = gamma * inv_std                                                # (C,)
-        b = -a * inv_std * sum_dout_xhat / M                               # (C,)
-        c = -a * sum_dout / M                                              # (C,)
-        dx = dout * a.reshape(1, C, 1, 1)                                  # (N, C, H, W)
-        xc *= b.reshape(1, C, 1, 1)
+        # dx = inv_std * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = gamma * dout,
+        # is per channel a multiple of dout, a multiple of xc and a constant: three passes.
+        dout_coef = gamma * inv_std                              # (C,) term dxhat: inv_std*gamma
+        xc_coef = -dout_coef * inv_std * sum_dout_xhat / M       # (C,) term xhat*mean(dxhat*xhat), xhat = xc*inv_std
+        mean_term = -dout_coef * sum_dout / M                    # (C,) term mean(dxhat)
+        dx = dout * dout_coef.reshape(1, C, 1, 1)                          # (N, C, H, W)
+        xc *= xc_coef.reshape(1, C, 1, 1)
         dx += xc
-        dx += c.reshape(1, C, 1, 1)
+        dx += mean_term.reshape(1, C, 1, 1)
         return dx
 
     def __repr__(self):
         return f"BatchNorm2d({self.num_features}, eps={self.eps}, momentum={self.momentum})"
+
+
+def batchnorm2d_reference(x, gamma, beta, eps=1e-5):
+    """Training-mode BatchNorm2d written as its equations, one per line (llm.c's layernorm style).
+
+    x (N, C, H, W), gamma beta (C,) -> (out (N, C, H, W), backward), where
+    backward(dout) returns (dx, dgamma, dbeta). Unfused and unoptimised: the
+    reference the layer's fused backward is tested equal to.
+    """
+    xp = backend.get_array_module(x)
+    C = x.shape[1]
+    axes = (0, 2, 3)                                                       # mean over N, H, W
+    g, b = gamma.reshape(1, C, 1, 1), beta.reshape(1, C, 1, 1)             # (1, C, 1, 1)
+    mean = x.mean(axis=axes, keepdims=True)                                # (1, C, 1, 1)
+    var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)                 # (1, C, 1, 1) biased
+    inv_std = 1.0 / xp.sqrt(var + eps)                                     # (1, C, 1, 1)
+    xhat = (x - mean) * inv_std                                            # (N, C, H, W)
+    out = g * xhat + b                                                     # (N, C, H, W)
+
+    def backward(dout):
+        dbeta = dout.sum(axis=axes)                                        # (C,)
+        dgamma = (dout * xhat).sum(axis=axes)                              # (C,)
+        dxhat = g * dout                                                   # (N, C, H, W)
+        dx = inv_std * (dxhat - dxhat.mean(axis=axes, keepdims=True)
+                        - xhat * (dxhat * xhat).mean(axis=axes, keepdims=True))  # (N, C, H, W)
+        return dx, dgamma, dbeta
+
+    return out, backward

@@ -24,7 +24,16 @@ class MaxPool2d(Layer):
     Backward: the max is a selector, so its gradient is 1 at the argmax and 0
     elsewhere:  dL/dx[n,c,argmax(i,j)] += dout[n,c,i,j]. At a tie only the first
     maximum (row-major scan) receives it, as in PyTorch; where windows overlap
-    a pixel that wins several windows collects the sum.
+    a pixel that wins several windows collects the sum; a pixel in no window
+    (stride > kernel) gets 0.
+
+    How the kernels (minivgg/kernels/cpu.py, gpu.py) compute it: the CPU makes
+    one vectorised pass per window offset (kh, kw), so KH*KW passes in all.
+      forward:  out = max over (kh, kw) of xpad[:, :, kh::sh, kw::sw] (the offset
+                that first reaches the maximum is kept as argmax = kh*KW + kw);
+      backward: dxpad[:, :, kh::sh, kw::sw] += dout * (argmax == kh*KW + kw).
+    maxpool2d_naive below is the same rule, one window at a time; tests check
+    both kernels against it (tests/test_reference.py, tests/test_pool_sweep.py).
     """
 
     def __init__(self, kernel_size, stride=None, padding=0):
