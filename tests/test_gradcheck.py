@@ -143,3 +143,22 @@ def test_softmax_cross_entropy(device, rng, label_smoothing, N, K):
                             lambda G: {"logits": fn.backward(G)},
                             {"logits": logits})
     assert errors["logits"] < TOL, errors
+
+
+def test_a_wrong_gradient_points_at_itself(device, rng):
+    """GradError: the global figure, and the element that is most wrong with both its values."""
+    layer = Linear(3, 2).astype(np.float64).to(device)
+    broken = Linear.backward
+
+    def backward_with_one_wrong_entry(self, dout):
+        dx = broken(self, dout)
+        self.grads["weight"][1, 2] += 0.5          # the planted error
+        return dx
+
+    layer.backward = backward_with_one_wrong_entry.__get__(layer)
+    errors = check_layer(layer, backend.to_device(rng.standard_normal((4, 3)), device))
+    assert errors["x"] < TOL and errors["bias"] < TOL
+    w = errors["weight"]
+    assert w > 1e-3 and w.index == (1, 2)
+    assert abs(w.analytic - w.numeric - 0.5) < 1e-6 and w.element_error > 0.1
+    assert "worst at (1, 2): analytic" in repr(w)

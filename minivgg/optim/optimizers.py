@@ -66,96 +66,21 @@ class Optimizer:
         """Drop the model's gradients (backward overwrites them anyway)."""
         self.model.zero_grad()
 
-    # -- saving and restoring ----------------------------------------------------------
+    # -- what each optimizer declares; saving and restoring lives at the end of the file -----
     def _state_shapes(self, p) -> dict[str, tuple | None]:
         """The per-parameter state entries and their shapes; None marks a host int (a step count)."""
         raise NotImplementedError
 
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """A flat {str: np.ndarray} dict that np.savez stores without pickling.
-
-        Keys: 'type', 'lr', each hyperparameter, and 'state.<param name>.<entry>'
-        (e.g. 'state.features.0.weight.exp_avg'). Arrays come back to the host.
-        """
-        d = {"type": np.array(type(self).__name__), "lr": np.array(self.lr, dtype=np.float64)}
-        for h in self.hyperparameters:
-            d[h] = np.array(getattr(self, h))
-        for name, entries in self.state.items():
-            for key, value in entries.items():
-                d[f"state.{name}.{key}"] = (np.array(value, dtype=np.int64) if isinstance(value, int)
-                                            else backend.to_numpy(value).copy())
-        return d
-
-    def load_state_dict(self, d: dict) -> None:
-        """Restore what state_dict saved, onto the device and dtype of the parameters.
-
-        Everything is checked before anything changes; a mismatch names its key.
-        """
-        d = dict(d)   # also reads an NpzFile from np.load
-        params = dict(_all_parameters(self.model))
-        loaded = self._checked_state(d, params)
-        old = {h: getattr(self, h) for h in ("lr",) + self.hyperparameters}
-        try:
-            for h in old:
-                setattr(self, h, np.asarray(d[h]).item())
-            self._check_hyperparameters()
-        except ValueError:
-            for h, v in old.items():
-                setattr(self, h, v)
-            raise
-        self.state = {}
-        for name, entries in loaded.items():
-            p = params[name]
-            self.state[name] = {k: int(np.asarray(v)) if self._state_shapes(p)[k] is None
-                                else backend.to_device(np.array(backend.to_numpy(v), dtype=p.dtype),
-                                                       backend.device_of(p))
-                                for k, v in entries.items()}
-
-    def _checked_state(self, d: dict, params: dict) -> dict[str, dict]:
-        """{param name: {entry: array}} from a state_dict, every key and shape checked."""
-        kind = str(np.asarray(d.get("type", "")))
-        if kind != type(self).__name__:
-            raise ValueError(f"{type(self).__name__}.load_state_dict: the state was saved by "
-                             f"optimizer {kind!r}")
-        missing = [k for k in ("lr",) + self.hyperparameters if k not in d]
-        if missing:
-            raise KeyError(f"{type(self).__name__}.load_state_dict: missing key(s) {missing}")
-        loaded: dict[str, dict] = {}
-        for key, value in d.items():
-            if not key.startswith("state."):
-                if key not in ("type", "lr") + self.hyperparameters:
-                    raise KeyError(f"{type(self).__name__}.load_state_dict: unexpected key '{key}'")
-                continue
-            name, _, entry = key[len("state."):].rpartition(".")
-            if name not in params:
-                raise KeyError(f"{type(self).__name__}.load_state_dict: '{key}' names no parameter "
-                               f"of the model")
-            shapes = self._state_shapes(params[name])
-            if entry not in shapes:
-                raise KeyError(f"{type(self).__name__}.load_state_dict: unexpected key '{key}' "
-                               f"(expected entries {sorted(shapes)})")
-            expected = () if shapes[entry] is None else tuple(shapes[entry])
-            if tuple(np.shape(value)) != expected:
-                raise ValueError(f"{type(self).__name__}.load_state_dict: '{key}' has shape "
-                                 f"{tuple(np.shape(value))}, expected {expected}")
-            loaded.setdefault(name, {})[entry] = value
-        for name, entries in loaded.items():
-            if set(entries) != set(self._state_shapes(params[name])):
-                raise KeyError(f"{type(self).__name__}.load_state_dict: state of '{name}' has "
-                               f"entries {sorted(entries)}, expected {sorted(self._state_shapes(params[name]))}")
-        return loaded
-
     def _check_hyperparameters(self) -> None:
         pass
 
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """A flat {str: np.ndarray} dict that np.savez stores without pickling (see optimizer_state_dict)."""
+        return optimizer_state_dict(self)
 
-def _all_parameters(model):
-    """(name, param) for every parameter, frozen ones too (their state is kept)."""
-    try:
-        triples = model.named_parameters(trainable_only=False)
-    except TypeError:   # a model whose named_parameters takes no arguments
-        triples = model.named_parameters()
-    return [(name, p) for name, p, _ in triples]
+    def load_state_dict(self, d: dict) -> None:
+        """Restore what state_dict saved, checked first (see load_optimizer_state)."""
+        load_optimizer_state(self, d)
 
 
 class SGD(Optimizer):
@@ -217,11 +142,15 @@ class Adam(Optimizer):
     """Adam (Kingma & Ba) with PyTorch's bias correction and L2 weight decay.
 
     With t the parameter's step count (from 1), g the gradient:
-        g = g + lambda * p                  (L2; AdamW decays p directly instead)
-        m = beta1 * m + (1 - beta1) * g
-        v = beta2 * v + (1 - beta2) * g^2
-        denom = sqrt(v) / sqrt(1 - beta2^t) + eps
-        p = p - lr / (1 - beta1^t) * m / denom
+        g     = g + lambda * p                  (L2; AdamW decays p directly instead)
+        m     = beta1 * m + (1 - beta1) * g      running mean of g      (first moment)
+        v     = beta2 * v + (1 - beta2) * g^2    running mean of g^2    (second moment)
+        m_hat = m / (1 - beta1^t)                bias corrections: m and v start at 0,
+        v_hat = v / (1 - beta2^t)                so early averages are too small
+        p     = p - lr * m_hat / (sqrt(v_hat) + eps)
+    The code evaluates the last three lines in PyTorch's order (sqrt(v_hat) as
+    sqrt(v) / sqrt(1 - beta2^t), lr / (1 - beta1^t) applied last), so its float32
+    results equal torch.optim.Adam's bit for bit.
     """
 
     hyperparameters = ("beta1", "beta2", "eps", "weight_decay")
@@ -264,21 +193,15 @@ class Adam(Optimizer):
                 g_l2 = xp.multiply(p, self.weight_decay)     # never write into the layer's grad
                 g_l2 += g
                 g = g_l2
-        s = xp.multiply(g, 1.0 - self.beta1)                # the one scratch array
-        m *= self.beta1                                     # m = beta1 m + (1 - beta1) g
-        m += s
-        xp.multiply(g, g, out=s)
-        s *= 1.0 - self.beta2
-        v *= self.beta2                                     # v = beta2 v + (1 - beta2) g^2
-        v += s
-        bias_correction1 = 1.0 - self.beta1 ** t
-        bias_correction2 = 1.0 - self.beta2 ** t
-        xp.sqrt(v, out=s)                                   # s = denom
-        s /= math.sqrt(bias_correction2)
-        s += self.eps
-        xp.divide(m, s, out=s)                              # s = m / denom
-        s *= self.lr / bias_correction1
-        p -= s
+        beta1, beta2 = self.beta1, self.beta2
+        m *= beta1                                          # m = beta1 * m + (1 - beta1) * g
+        m += g * (1.0 - beta1)
+        v *= beta2                                          # v = beta2 * v + (1 - beta2) * g^2
+        v += (g * g) * (1.0 - beta2)
+        sqrt_v_hat = xp.sqrt(v) / math.sqrt(1.0 - beta2 ** t)   # sqrt(v_hat), v_hat = v / (1 - beta2^t)
+        step = m / (sqrt_v_hat + self.eps)                  # m / (sqrt(v_hat) + eps)
+        step *= self.lr / (1.0 - beta1 ** t)                # lr * m_hat / (...), m_hat = m / (1 - beta1^t)
+        p -= step
 
 
 class AdamW(Adam):
@@ -292,3 +215,92 @@ class AdamW(Adam):
 
     def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
         super().__init__(model, lr, betas, eps, weight_decay)
+
+
+# ---------------------------------------------------------------------------
+# Saving and restoring: a flat dict of arrays that np.savez stores without pickling.
+# ---------------------------------------------------------------------------
+def optimizer_state_dict(opt) -> dict[str, np.ndarray]:
+    """A flat {str: np.ndarray} dict that np.savez stores without pickling.
+
+    Keys: 'type', 'lr', each hyperparameter, and 'state.<param name>.<entry>'
+    (e.g. 'state.features.0.weight.exp_avg'). Arrays come back to the host.
+    """
+    d = {"type": np.array(type(opt).__name__), "lr": np.array(opt.lr, dtype=np.float64)}
+    for h in opt.hyperparameters:
+        d[h] = np.array(getattr(opt, h))
+    for name, entries in opt.state.items():
+        for key, value in entries.items():
+            d[f"state.{name}.{key}"] = (np.array(value, dtype=np.int64) if isinstance(value, int)
+                                        else backend.to_numpy(value).copy())
+    return d
+
+
+def load_optimizer_state(opt, d: dict) -> None:
+    """Restore what state_dict saved, onto the device and dtype of the parameters.
+
+    Everything is checked before anything changes; a mismatch names its key.
+    """
+    d = dict(d)   # also reads an NpzFile from np.load
+    params = dict(_all_parameters(opt.model))
+    loaded = _checked_state(opt, d, params)
+    old = {h: getattr(opt, h) for h in ("lr",) + opt.hyperparameters}
+    try:
+        for h in old:
+            setattr(opt, h, np.asarray(d[h]).item())
+        opt._check_hyperparameters()
+    except ValueError:
+        for h, v in old.items():
+            setattr(opt, h, v)
+        raise
+    opt.state = {}
+    for name, entries in loaded.items():
+        p = params[name]
+        opt.state[name] = {k: int(np.asarray(v)) if opt._state_shapes(p)[k] is None
+                            else backend.to_device(np.array(backend.to_numpy(v), dtype=p.dtype),
+                                                   backend.device_of(p))
+                            for k, v in entries.items()}
+
+
+def _checked_state(opt, d: dict, params: dict) -> dict[str, dict]:
+    """{param name: {entry: array}} from a state_dict, every key and shape checked."""
+    kind = str(np.asarray(d.get("type", "")))
+    if kind != type(opt).__name__:
+        raise ValueError(f"{type(opt).__name__}.load_state_dict: the state was saved by "
+                         f"optimizer {kind!r}")
+    missing = [k for k in ("lr",) + opt.hyperparameters if k not in d]
+    if missing:
+        raise KeyError(f"{type(opt).__name__}.load_state_dict: missing key(s) {missing}")
+    loaded: dict[str, dict] = {}
+    for key, value in d.items():
+        if not key.startswith("state."):
+            if key not in ("type", "lr") + opt.hyperparameters:
+                raise KeyError(f"{type(opt).__name__}.load_state_dict: unexpected key '{key}'")
+            continue
+        name, _, entry = key[len("state."):].rpartition(".")
+        if name not in params:
+            raise KeyError(f"{type(opt).__name__}.load_state_dict: '{key}' names no parameter "
+                           f"of the model")
+        shapes = opt._state_shapes(params[name])
+        if entry not in shapes:
+            raise KeyError(f"{type(opt).__name__}.load_state_dict: unexpected key '{key}' "
+                           f"(expected entries {sorted(shapes)})")
+        expected = () if shapes[entry] is None else tuple(shapes[entry])
+        if tuple(np.shape(value)) != expected:
+            raise ValueError(f"{type(opt).__name__}.load_state_dict: '{key}' has shape "
+                             f"{tuple(np.shape(value))}, expected {expected}")
+        loaded.setdefault(name, {})[entry] = value
+    for name, entries in loaded.items():
+        if set(entries) != set(opt._state_shapes(params[name])):
+            raise KeyError(f"{type(opt).__name__}.load_state_dict: state of '{name}' has "
+                           f"entries {sorted(entries)}, expected {sorted(opt._state_shapes(params[name]))}")
+    return loaded
+
+
+def _all_parameters(model):
+    """(name, param) for every parameter, frozen ones too (their state is kept)."""
+    try:
+        triples = model.named_parameters(trainable_only=False)
+    except TypeError:   # a model whose named_parameters takes no arguments
+        triples = model.named_parameters()
+    return [(name, p) for name, p, _ in triples]
