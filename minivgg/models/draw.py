@@ -1,15 +1,15 @@
 """draw_architecture(model, input_shape, path): a PNG of a VGG drawn from the model itself (matplotlib, Agg).
 
 Every box comes from walking the model's layers with summary.trace (shape
-propagation, no forward pass): a conv box's height follows its feature map's
+propagation, no forward pass), each drawn as registry.py says: a conv box's height follows its feature map's
 side and its width the channel count, so the pyramid of a VGG is visible.
 """
 from __future__ import annotations
 
 import math
 
-from ..layers import (AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, Layer, Linear,
-                      MaxPool2d, ReLU)
+from ..layers import Layer
+from .registry import describe
 from .summary import trace
 
 # One colour per kind of layer (colour-blind-safe Okabe-Ito palette).
@@ -19,26 +19,18 @@ COLORS = {"input": "#BBBBBB", "conv": "#56B4E9", "pool": "#D55E00", "avgpool": "
 
 def _stages(model: Layer, input_shape) -> tuple[list, tuple]:
     """Group the leaf layers into drawable items: conv (with its BN/ReLU), pool, avgpool, flatten, fc."""
-    rows = trace(model, input_shape)
+    rows = trace(model, input_shape, "draw_architecture")
     layers = dict((name, m) for name, m in model.modules())
     items = []
     for r in rows:
         layer = layers[r["name"]]
-        if isinstance(layer, Conv2d):
-            items.append({"kind": "conv", "layer": layer, "out": r["out_shape"], "extras": []})
-        elif isinstance(layer, Linear):
-            items.append({"kind": "fc", "layer": layer, "out": r["out_shape"], "extras": []})
-        elif isinstance(layer, (BatchNorm2d, ReLU, Dropout)) and items and items[-1]["kind"] in ("conv", "fc"):
-            tag = {"BatchNorm2d": "BN", "ReLU": "ReLU"}.get(type(layer).__name__, f"Dropout {layer.p:g}"
-                                                             if isinstance(layer, Dropout) else "")
-            if not (isinstance(layer, Dropout) and layer.p == 0):
+        kind = describe(layer, "draw_architecture").draw
+        if kind == "tag":    # BN, ReLU, Dropout: a note on the conv or fc box before them
+            tag = describe(layer).tag(layer)
+            if tag and items and items[-1]["kind"] in ("conv", "fc"):
                 items[-1]["extras"].append(tag)
-        elif isinstance(layer, MaxPool2d):
-            items.append({"kind": "pool", "layer": layer, "out": r["out_shape"]})
-        elif isinstance(layer, AdaptiveAvgPool2d):
-            items.append({"kind": "avgpool", "layer": layer, "out": r["out_shape"]})
-        elif isinstance(layer, Flatten):
-            items.append({"kind": "flatten", "layer": layer, "out": r["out_shape"]})
+        else:
+            items.append({"kind": kind, "layer": layer, "out": r["out_shape"], "extras": []})
     return items, rows[0]["in_shape"]
 
 

@@ -1,6 +1,7 @@
 """summary(model, input_shape): a layer table with shapes, parameters, multiply-adds and memory.
 
-Shapes are propagated with each layer type's output-size formula, so a
+Shapes are propagated with each layer type's output-size formula (from
+registry.py, shared with draw.py and torch_interop.py), so a
 138M-parameter VGG-16 at 224x224 is summarised without running a forward.
 The totals follow torchsummary's (and Keras' model.summary()) conventions.
 
@@ -9,56 +10,22 @@ kernel, OH OW output size, I O in/out features.
 """
 from __future__ import annotations
 
-
 import numpy as np
 
-from ..kernels import out_size
-from ..layers import (AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, Layer, Linear,
-                      MaxPool2d, ReLU)
+from ..layers import Layer
+from .registry import describe
 
 MB = 2.0 ** 20
 
 
-def layer_output_shape(layer: Layer, shape: tuple) -> tuple:
-    """The output shape (without the batch) of one leaf layer given its input shape.
-
-    Conv2d   (C, H, W) -> (F, OH, OW),  OH = floor((H + 2*ph - KH) / sh) + 1
-    MaxPool2d (C, H, W) -> (C, OH, OW), the same formula
-    AdaptiveAvgPool2d   -> (C, OH, OW) = (C, *output_size)
-    Flatten  (C, H, W) -> (C*H*W,);     Linear (I,) -> (O,)
-    ReLU, Dropout, BatchNorm2d keep the shape.
-    """
-    if isinstance(layer, Conv2d):
-        C, H, W = shape
-        (KH, KW), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
-        return (layer.out_channels, out_size(H, KH, sh, ph), out_size(W, KW, sw, pw))
-    if isinstance(layer, MaxPool2d):
-        C, H, W = shape
-        (KH, KW), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
-        return (C, out_size(H, KH, sh, ph), out_size(W, KW, sw, pw))
-    if isinstance(layer, AdaptiveAvgPool2d):
-        return (shape[0], *layer.output_size)
-    if isinstance(layer, Flatten):
-        return (int(np.prod(shape)),)
-    if isinstance(layer, Linear):
-        return (layer.out_features,)
-    if isinstance(layer, (ReLU, Dropout, BatchNorm2d)):
-        return tuple(shape)
-    # Any other layer: run it once on a single zero sample (cheap for the small layers this meets).
-    dtype = next(iter(layer.params.values())).dtype if layer.params else np.float32
-    x = np.zeros((1, *shape), dtype=dtype)
-    return tuple(layer.forward(x).shape[1:])
+def layer_output_shape(layer: Layer, shape: tuple, who: str = "summary") -> tuple:
+    """The output shape (without the batch) of one layer given its input shape (see registry.py)."""
+    return tuple(describe(layer, who).output_shape(layer, tuple(shape)))
 
 
 def layer_macs(layer: Layer, in_shape: tuple, out_shape: tuple) -> int:
-    """Multiply-adds per sample: Conv2d OH*OW*F*C*KH*KW, Linear I*O, others 0."""
-    if isinstance(layer, Conv2d):
-        F, OH, OW = out_shape
-        KH, KW = layer.kernel_size
-        return OH * OW * F * layer.in_channels * KH * KW
-    if isinstance(layer, Linear):
-        return layer.in_features * layer.out_features
-    return 0
+    """Multiply-adds per sample: Conv2d OH*OW*F*C*KH*KW, Linear I*O, others 0 (see registry.py)."""
+    return describe(layer, "summary").macs(layer, in_shape, out_shape)
 
 
 def leaf_layers(model: Layer):
@@ -66,10 +33,11 @@ def leaf_layers(model: Layer):
     return [(name, m) for name, m in model.modules() if not m.children()]
 
 
-def trace(model: Layer, input_shape) -> list[dict]:
+def trace(model: Layer, input_shape, who: str = "summary") -> list[dict]:
     """One row per leaf layer: name, type, in/out shape (no batch), params, MACs.
 
-    input_shape is (C, H, W), or (N, C, H, W) whose N is ignored here.
+    input_shape is (C, H, W), or (N, C, H, W) whose N is ignored here. `who`
+    names the caller in the error an unregistered layer raises.
     """
     shape = tuple(int(s) for s in input_shape)
     if len(shape) == 4:
@@ -78,14 +46,14 @@ def trace(model: Layer, input_shape) -> list[dict]:
         model.check_input_shape((1, *shape))
     rows = []
     for name, layer in leaf_layers(model):
-        out = layer_output_shape(layer, shape)
+        out = layer_output_shape(layer, shape, who)
         if min(out) < 1:
             raise ValueError(f"summary: {name} ({type(layer).__name__}) would output {out} from "
                              f"{shape}; the input {tuple(input_shape)} is too small for this model")
         rows.append({"name": name, "type": type(layer).__name__, "in_shape": shape,
                      "out_shape": out, "params": sum(int(p.size) for p in layer.params.values()),
                      "trainable": not layer.frozen, "macs": layer_macs(layer, shape, out),
-                     "view": isinstance(layer, Flatten)})
+                     "view": describe(layer).view})
         shape = out
     return rows
 

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from .. import backend
-from ..layers import (AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, Layer, Linear,
-                      MaxPool2d, ReLU, Sequential)
+from ..layers import Layer
+from .registry import torch_module
 from .vgg import VGG
 
 _TORCH_VGG = None  # the torch twin's class, made on first use (it subclasses torch.nn.Module)
@@ -50,28 +50,8 @@ def _torch_vgg_class():
 
 
 def _torch_layer(layer: Layer):
-    """The torch.nn module that computes what one minivgg layer computes."""
-    nn = _torch().nn
-    if isinstance(layer, Sequential):
-        return nn.Sequential(*[_torch_layer(m) for m in layer])
-    if isinstance(layer, Conv2d):
-        return nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
-                         padding=layer.padding, bias="bias" in layer.params)
-    if isinstance(layer, BatchNorm2d):
-        return nn.BatchNorm2d(layer.num_features, eps=layer.eps, momentum=layer.momentum)
-    if isinstance(layer, ReLU):
-        return nn.ReLU()
-    if isinstance(layer, MaxPool2d):
-        return nn.MaxPool2d(layer.kernel_size, stride=layer.stride, padding=layer.padding)
-    if isinstance(layer, AdaptiveAvgPool2d):
-        return nn.AdaptiveAvgPool2d(layer.output_size)
-    if isinstance(layer, Dropout):
-        return nn.Dropout(layer.p)
-    if isinstance(layer, Flatten):
-        return nn.Flatten()
-    if isinstance(layer, Linear):
-        return nn.Linear(layer.in_features, layer.out_features, bias="bias" in layer.params)
-    raise TypeError(f"to_torch: no torch counterpart for {type(layer).__name__}")
+    """The torch.nn module that computes what one minivgg layer computes (see registry.py)."""
+    return torch_module(layer, _torch().nn, "to_torch")
 
 
 def to_torch(model: Layer):
