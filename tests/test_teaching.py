@@ -57,3 +57,24 @@ def test_constructing_a_trainer_changes_the_model_only_when_asked(tmp_path, rng,
         assert dx is None
     else:
         assert dx is not None and dx.shape == (2, 1, 8, 8)
+
+
+@needs_data
+def test_backprop_walkthrough_checks_every_gradient():
+    lines = []
+    errors = load_example("backprop_walkthrough").walkthrough(out=lines.append)
+    assert set(errors) == {"dL/dlogits", "dL/dfc.weight", "dL/dfc.bias", "dL/d(input of fc)",
+                           "dL/d(input of flatten)", "dL/d(input of pool)", "dL/d(input of relu)",
+                           "dL/dconv.weight", "dL/dconv.bias", "dL/dimage"}
+    assert max(errors.values()) < 1e-6
+    text = "\n".join(lines)
+    for shape in ["(1, 1, 28, 28)", "(1, 4, 28, 28)", "(1, 4, 14, 14)", "(1, 784)", "(1, 10)"]:
+        assert shape in text
+
+
+@needs_data
+def test_backprop_walkthrough_catches_a_wrong_gradient(monkeypatch):
+    monkeypatch.setattr(ReLU, "backward", lambda self, dout: dout.copy())   # forgets the (x > 0) mask
+    with pytest.raises(AssertionError, match=r"dL/d\(input of relu\) disagrees with central differences: "
+                                             r"GradError\(.*worst at \(0, "):
+        load_example("backprop_walkthrough").walkthrough(out=lambda line: None)
