@@ -35,6 +35,7 @@ DEFAULTS = {
     "augment": True, "crop_padding": 0, "normalize": True, "seed": 0, "out": None, "resume": None, "init_from": None,
     "freeze_features": False, "patience": None, "max_steps": None, "train_subset": None,
     "val_size": 5000, "test_subset": None, "progress": True, "plots": True,
+    "grad_flow": None,
 }
 
 # Named recipes: each overrides DEFAULTS; flags given on the command line override both.
@@ -136,6 +137,9 @@ def make_parser(suppress: bool = False) -> argparse.ArgumentParser:
                    help="show progress bars")
     g.add_argument("--plots", action=argparse.BooleanOptionalAction, default=D("plots"),
                    help="draw PNG plots every epoch")
+    g.add_argument("--grad-flow", type=int, nargs="?", const=100, default=D("grad_flow"), metavar="STEPS",
+                   help="write grad_flow.png: every layer's weight-gradient norm over the first STEPS "
+                        "optimizer steps (100 if no number is given); shows vanishing or exploding gradients")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=["vgg11", "vgg13", "vgg16", "vgg19"], default=D("model"),
@@ -365,7 +369,7 @@ def run(args) -> int:
     from minivgg.losses import SoftmaxCrossEntropy
     from minivgg.models import draw_architecture, summary
     from minivgg.train import NonFiniteLossError, Trainer, evaluate, freeze_features, load_checkpoint
-    from minivgg.train.plots import plot_confusion
+    from minivgg.train.plots import GradFlowRecorder, plot_confusion
 
     check_args(args)
     backend.get_xp(args.device)   # a missing GPU fails here, with what to install
@@ -398,6 +402,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.plots:
         draw_architecture(model, (C, S, S), out / "architecture.png")
+    grad_flow = GradFlowRecorder(opt, args.grad_flow, out / "grad_flow.png") if args.grad_flow else None
     try:
         trainer.fit(args.epochs, resume=args.resume)
     except NonFiniteLossError as e:
@@ -407,6 +412,8 @@ def run(args) -> int:
         print(f"\ninterrupted; continue with --resume {trainer.last_path} (the last completed epoch)",
               file=sys.stderr)
         return 130
+    if grad_flow is not None:
+        grad_flow.write()   # a run shorter than --grad-flow steps
     print(f"training stopped: {trainer.stop_reason} after {trainer.epoch} epoch(s), "
           f"{trainer.global_step} steps")
 

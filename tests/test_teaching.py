@@ -1,11 +1,14 @@
 # The reader's programs run and teach what they say: the minimal loop learns Fashion-MNIST, and
 # constructing a Trainer leaves the model's backward as it was unless asked (skip_input_grad=True).
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from minivgg import backend
 from minivgg.data import DataLoader
@@ -78,3 +81,37 @@ def test_backprop_walkthrough_catches_a_wrong_gradient(monkeypatch):
     with pytest.raises(AssertionError, match=r"dL/d\(input of relu\) disagrees with central differences: "
                                              r"GradError\(.*worst at \(0, "):
         load_example("backprop_walkthrough").walkthrough(out=lambda line: None)
+
+
+def test_grad_flow_records_the_first_steps_and_writes_a_png(tmp_path, rng):
+    from minivgg.layers import SoftmaxCrossEntropy
+    from minivgg.train import GradFlowRecorder, gradient_norms
+    model, loss_fn = tiny_model(), SoftmaxCrossEntropy()
+    opt = SGD(model, lr=0.1)
+    recorder = GradFlowRecorder(opt, steps=3, path=tmp_path / "grad_flow.png")
+    expected = []
+    for step in range(5):
+        x = rng.standard_normal((4, 1, 8, 8)).astype(np.float32)
+        loss_fn(model.forward(x), np.arange(4) % 3)
+        model.backward(loss_fn.backward())
+        expected.append(gradient_norms(model))
+        opt.step()
+        assert (tmp_path / "grad_flow.png").exists() == (step >= 2)      # written after the 3rd step
+    assert recorder.norms == expected[:3]
+    assert list(expected[0]) == ["0.weight", "4.weight"]                 # weights, in forward order
+    w = model[0].grads["weight"]
+    assert expected[-1]["0.weight"] == pytest.approx(float(np.sqrt((w.astype(np.float64) ** 2).sum())), rel=1e-6)
+    assert Image.open(tmp_path / "grad_flow.png").size[0] > 600
+
+
+@pytest.mark.slow
+@needs_data
+def test_cli_grad_flow_flag_writes_grad_flow_png(tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "train_vgg11.py"), "--width-ratio", "64",
+                        "--hidden", "16", "--batch-size", "8", "--no-progress", "--no-plots",
+                        "--train-subset", "24", "--val-size", "8", "--test-subset", "8", "--epochs", "1",
+                        "--grad-flow", "10", "--out", str(out)], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "grad_flow.png").stat().st_size > 0     # 3 steps < 10: written at the end of the run

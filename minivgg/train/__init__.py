@@ -7,10 +7,11 @@ from .checkpoint import (FORMAT_VERSION, CheckpointError, check_compatible, load
                          restore_rng_state, save_checkpoint)
 from .metrics import (confusion_matrix, evaluate, per_class_accuracy, softmax, topk_accuracy,
                       topk_correct)
-from .plots import plot_confusion, plot_history, plot_image_grid
+from .plots import GradFlowRecorder, gradient_norms, plot_confusion, plot_grad_flow, plot_history, plot_image_grid
 from .trainer import NonFiniteLossError, Trainer, freeze_features, skip_input_grad
 
 __all__ = ["Trainer", "NonFiniteLossError", "freeze_features", "skip_input_grad", "evaluate", "save_checkpoint",
            "load_checkpoint", "restore", "restore_rng_state", "check_compatible", "CheckpointError",
            "FORMAT_VERSION", "confusion_matrix", "per_class_accuracy", "softmax", "topk_accuracy",
-           "topk_correct", "plot_history", "plot_confusion", "plot_image_grid"]
+           "topk_correct", "plot_history", "plot_confusion", "plot_image_grid",
+           "plot_grad_flow", "gradient_norms", "GradFlowRecorder"]

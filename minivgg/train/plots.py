@@ -1,4 +1,4 @@
-"""Pictures of a run: loss and accuracy curves, the confusion matrix, grids of predictions.
+"""Pictures of a run: loss and accuracy curves, the confusion matrix, grids of predictions, gradient flow.
 
 Figures are drawn with matplotlib's object API on an Agg canvas (no pyplot, no window,
 no global backend switch), so plotting works on a headless server and inside tests.
@@ -125,3 +125,77 @@ def plot_image_grid(images, labels, preds, probs, class_names, path, title="pred
         axes[0].text(0.5, 0.5, "nothing to show", ha="center", va="center")
     fig.suptitle(title)
     return _save(fig, path)
+
+
+def gradient_norms(model) -> dict[str, float]:
+    """||dL/dW|| of every trainable conv and linear weight that has a gradient, by name, in forward order.
+
+    Only weight matrices and kernels (2 or more dimensions) are kept: biases and
+    BatchNorm scales have few entries and say little about whether a layer's
+    signal is vanishing or exploding.
+    """
+    from ..backend import to_numpy
+    return {name: float(np.linalg.norm(to_numpy(g))) for name, p, g in model.named_parameters()
+            if g is not None and p.ndim >= 2}
+
+
+def plot_grad_flow(norms: list[dict], path, title="gradient flow") -> Path:
+    """Per-layer gradient norms: over the recorded steps (left) and their median by depth (right).
+
+    norms: one gradient_norms(model) dict per optimizer step. Lines that sink by many
+    orders of magnitude below the others mark layers that barely learn (vanishing
+    gradients); lines that climb warn of divergence.
+    """
+    names = list(norms[0]) if norms else []
+    fig = _figure(12, 4.2)
+    ax_steps, ax_depth = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    from matplotlib import colormaps
+    cmap = colormaps["viridis"]                       # input layers dark, output layers light
+    for i, name in enumerate(names):
+        ys = [n.get(name, np.nan) for n in norms]
+        ax_steps.plot(range(1, len(ys) + 1), ys, color=cmap(i / max(len(names) - 1, 1)), lw=1.2, label=name)
+    medians = [float(np.nanmedian([n.get(name, np.nan) for n in norms])) for name in names]
+    ax_depth.bar(range(len(names)), medians, color=[cmap(i / max(len(names) - 1, 1)) for i in range(len(names))])
+    ax_depth.set_xticks(range(len(names)), [n.removesuffix(".weight") for n in names], rotation=70, fontsize=8)
+    for ax in (ax_steps, ax_depth):
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+        ax.set_ylabel("||dL/dW||")
+    ax_steps.set_xlabel("optimizer step")
+    ax_steps.set_title(f"{title}: each layer's weight-gradient norm per step")
+    ax_depth.set_title(f"median over {len(norms)} steps, input to output")
+    if 0 < len(names) <= 20:
+        ax_steps.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
+
+
+class GradFlowRecorder:
+    """Record gradient_norms(model) before each of an optimizer's first `steps` steps.
+
+    It wraps optimizer.step (the gradients then are the ones the step uses, after
+    accumulation and clipping) and writes plot_grad_flow to `path` after the last
+    recorded step, or when write() is called (a run shorter than `steps`).
+    """
+
+    def __init__(self, optimizer, steps: int, path):
+        if int(steps) < 1:
+            raise ValueError(f"GradFlowRecorder: steps must be >= 1, got {steps}")
+        self.optimizer, self.steps, self.path = optimizer, int(steps), Path(path)
+        self.norms: list[dict] = []
+        self.written = False
+        step = optimizer.step
+
+        def recording_step():
+            if len(self.norms) < self.steps:
+                self.norms.append(gradient_norms(optimizer.model))
+                if len(self.norms) == self.steps:
+                    self.write()
+            step()
+        optimizer.step = recording_step
+
+    def write(self) -> Path | None:
+        """Write the plot (once) if any step was recorded; returns its path or None."""
+        if self.norms and not self.written:
+            plot_grad_flow(self.norms, self.path)
+            self.written = True
+        return self.path if self.written else None
