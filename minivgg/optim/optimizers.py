@@ -194,12 +194,18 @@ class Adam(Optimizer):
                 g_l2 += g
                 g = g_l2
         beta1, beta2 = self.beta1, self.beta2
-        m *= beta1                                          # m = beta1 * m + (1 - beta1) * g
-        m += g * (1.0 - beta1)
-        v *= beta2                                          # v = beta2 * v + (1 - beta2) * g^2
-        v += (g * g) * (1.0 - beta2)
-        sqrt_v_hat = xp.sqrt(v) / math.sqrt(1.0 - beta2 ** t)   # sqrt(v_hat), v_hat = v / (1 - beta2^t)
-        step = m / (sqrt_v_hat + self.eps)                  # m / (sqrt(v_hat) + eps)
+        # one scratch array holds each temporary in turn (the names say which): no other allocation
+        scratch = xp.multiply(g, 1.0 - beta1)               # (1 - beta1) * g
+        m *= beta1
+        m += scratch                                        # m = beta1 * m + (1 - beta1) * g
+        g2 = xp.multiply(g, g, out=scratch)
+        g2 *= 1.0 - beta2                                   # (1 - beta2) * g^2
+        v *= beta2
+        v += g2                                             # v = beta2 * v + (1 - beta2) * g^2
+        sqrt_v_hat = xp.sqrt(v, out=scratch)
+        sqrt_v_hat /= math.sqrt(1.0 - beta2 ** t)           # sqrt(v_hat), v_hat = v / (1 - beta2^t)
+        sqrt_v_hat += self.eps
+        step = xp.divide(m, sqrt_v_hat, out=scratch)        # m / (sqrt(v_hat) + eps)
         step *= self.lr / (1.0 - beta1 ** t)                # lr * m_hat / (...), m_hat = m / (1 - beta1^t)
         p -= step
 
