@@ -49,7 +49,7 @@ class Dropout(Layer):
     def forward(self, x):
         self.check_input(x, ndim=x.ndim if hasattr(x, "ndim") else -1)
         if not self.training or self.p == 0.0:
-            self.cache = ("identity", x)
+            self.cache = (None, x)                                     # no mask: identity
             return x.copy()
         xp = backend.get_array_module(x)
         if self._rng is not None:
@@ -58,15 +58,15 @@ class Dropout(Layer):
             u = backend.random_uniform(xp, x.shape, x.dtype)           # same shape as x
         scale = 0.0 if self.p == 1.0 else 1.0 / (1.0 - self.p)
         mask = (u >= self.p).astype(x.dtype) * x.dtype.type(scale)     # same shape as x
-        self.cache = ("mask", mask, x)
+        self.cache = (mask, x)
         return x * mask
 
     def backward(self, dout):
-        kind, *mask, x = self.saved()
+        mask, x = self.saved()
         self.check_dout(dout, x.shape, like=x)
-        if kind == "identity":
+        if mask is None:
             return dout.copy()
-        return dout * mask[0]                                          # same shape as x
+        return dout * mask                                             # same shape as x
 
     def __repr__(self):
         return f"Dropout(p={self.p})"
