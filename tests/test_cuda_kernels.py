@@ -76,12 +76,11 @@ def test_maxpool_on_the_gpu_backend(dtype):
     check_maxpool(np.random.default_rng(0), dtype, cases)
 
 
-@needs_gpu_backend
-def test_maxpool_nan_propagates_as_in_pytorch():
-    """A window holding NaN yields NaN, and its gradient goes to the last NaN, as PyTorch does."""
+def test_maxpool_nan_propagates_as_in_pytorch(device):
+    """A window holding NaN yields NaN, and its gradient goes to the last NaN, as PyTorch does, on both backends."""
     x = np.array([[[[1, np.nan, 3, np.nan], [np.nan, 5, 3, 2], [4, 4, 1, 0], [-np.inf, -np.inf, 0, 1]]]],
                  np.float32)
-    out, argmax = maxpool_forward(backend.to_device(x, "gpu"), 1, 4, (1, 4), (0, 0))
+    out, argmax = maxpool_forward(backend.to_device(x, device), 1, 4, (1, 4), (0, 0))
     tout, tidx = torch.nn.functional.max_pool2d(torch.from_numpy(x), (1, 4), return_indices=True)
     np.testing.assert_array_equal(backend.to_numpy(out), tout.numpy())
     np.testing.assert_array_equal(backend.to_numpy(argmax), tidx.numpy() % 4)

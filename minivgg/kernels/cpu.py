@@ -107,7 +107,8 @@ def maxpool_forward_cpu(x, KH: int, KW: int, stride: tuple, pad: tuple):
     x (N, C, H, W) -> out (N, C, OH, OW), argmax (N, C, OH, OW) of int8 (int32
     for windows over 127 elements). Windows are scanned in row-major order and
     only a strictly larger value replaces the running maximum, so ties go to
-    the first element, as in PyTorch. One vectorised pass per window offset.
+    the first element, as in PyTorch; a NaN always replaces it, so NaN propagates (at the
+    window's last NaN, as PyTorch). One vectorised pass per window offset.
     """
     N, C, H, W = x.shape
     sh, sw = stride
@@ -121,8 +122,9 @@ def maxpool_forward_cpu(x, KH: int, KW: int, stride: tuple, pad: tuple):
             if kh == 0 and kw == 0:
                 continue
             cand = xpad[:, :, kh:kh + sh * OH:sh, kw:kw + sw * OW:sw]  # (N, C, OH, OW) view
-            np.greater(cand, out, out=better)                          # strictly larger only
-            np.maximum(out, cand, out=out)
+            np.greater(cand, out, out=better)                          # strictly larger only,
+            better |= np.isnan(cand)                                   # or NaN (PyTorch: the last NaN)
+            np.maximum(out, cand, out=out)                             # NaN propagates
             argmax = np.where(better, argmax.dtype.type(kh * KW + kw), argmax)
     return out, argmax
 
