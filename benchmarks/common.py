@@ -49,7 +49,10 @@ def require_gpu() -> None:
     """Exit with a message naming what is missing when --device gpu cannot run here."""
     from minivgg import backend
     problems = []
-    if not backend.gpu_available():
+    if getattr(backend.cupy, "is_fake", False):
+        problems.append("minivgg's GPU backend is the CuPy stand-in on the CPU (MINIVGG_FAKE_CUPY=1): it "
+                        "proves the code path and measures no GPU speed; unset MINIVGG_FAKE_CUPY")
+    elif not backend.gpu_available():
         try:
             backend.get_xp("gpu")           # raises with the install / driver hint
             problems.append("CuPy sees no CUDA device")

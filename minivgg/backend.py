@@ -67,6 +67,8 @@ def get_xp(device: str = "cpu"):
     name, index = parse_device(device)
     if name == "cpu":
         return np
+    if getattr(cupy, "is_fake", False) and not _told_fake:
+        _tell_fake()
     if cupy is None:
         raise RuntimeError(f"device {device!r} needs CuPy, which could not be imported "
                            f"({_CUPY_IMPORT_ERROR}); {_INSTALL_HINT}")
@@ -81,6 +83,17 @@ def get_xp(device: str = "cpu"):
                            f"(valid: gpu:0 .. gpu:{count - 1})")
     cupy.cuda.Device(index).use()
     return cupy
+
+
+_told_fake = False
+
+
+def _tell_fake() -> None:
+    global _told_fake
+    _told_fake = True
+    import warnings
+    warnings.warn("minivgg: the GPU backend is the CuPy stand-in (MINIVGG_FAKE_CUPY=1): --device gpu runs "
+                  "minivgg's CUDA kernels on the CPU; results are real, speeds are not a GPU's", stacklevel=3)
 
 
 def is_gpu_array(x) -> bool:

@@ -125,3 +125,16 @@ def test_unsupported_device_code_does_not_compile(cp):
 def test_a_missing_kernel_name_is_an_error(cp):
     with pytest.raises(KeyError, match="neither an extern"):
         cp.RawModule(code=SCALE).get_function("scale_v2")
+
+
+def test_benchmarks_refuse_to_time_the_stand_in():
+    from benchmarks import common
+    with pytest.raises(SystemExit, match=r"CuPy stand-in on the CPU \(MINIVGG_FAKE_CUPY=1\): it proves the code "
+                                         r"path and measures no GPU speed"):
+        common.require_gpu()
+
+
+def test_asking_for_the_gpu_says_it_is_the_stand_in(monkeypatch):
+    monkeypatch.setattr(backend, "_told_fake", False)
+    with pytest.warns(UserWarning, match="the GPU backend is the CuPy stand-in"):
+        backend.get_xp("gpu")
