@@ -96,6 +96,17 @@ def _tell_fake() -> None:
                   "minivgg's CUDA kernels on the CPU; results are real, speeds are not a GPU's", stacklevel=3)
 
 
+def nccl_module():
+    """CuPy's NCCL bindings (cupy.cuda.nccl), for data-parallel training on GPUs (minivgg.distributed)."""
+    if cupy is None:
+        raise RuntimeError(f"NCCL needs CuPy, which could not be imported ({_CUPY_IMPORT_ERROR}); {_INSTALL_HINT}")
+    from cupy.cuda import nccl  # type: ignore
+    if not nccl.available:
+        raise RuntimeError("this CuPy has no NCCL library: pip install nvidia-nccl-cu12 (or -cu13) "
+                           "beside cupy-cuda12x, or train on the CPU")
+    return nccl
+
+
 def is_gpu_array(x) -> bool:
     return cupy is not None and isinstance(x, cupy.ndarray)
 

@@ -9,11 +9,12 @@ from .fashion_mnist import (FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_M
 from .folder import ImageFolder, load_image, prepare_images
 from .idx import read_idx, write_idx
 from .loader import DataLoader
+from .shard import ShardedLoader, shard_bounds
 from .transforms import (IMAGENET_MEAN, IMAGENET_STD, ColorJitter, Compose, Normalize, RandomCrop,
                          RandomHorizontalFlip, RandomRotation, compute_mean_std)
 
 __all__ = ["load_fashion_mnist", "find_fashion_mnist", "DatasetNotFoundError", "FASHION_MNIST_CLASSES",
            "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "prepare_images", "ImageFolder", "load_image",
-           "read_idx", "write_idx", "DataLoader", "transforms", "Compose", "Normalize",
+           "read_idx", "write_idx", "DataLoader", "ShardedLoader", "shard_bounds", "transforms", "Compose", "Normalize",
            "RandomHorizontalFlip", "RandomCrop", "RandomRotation", "ColorJitter", "compute_mean_std",
            "IMAGENET_MEAN", "IMAGENET_STD"]

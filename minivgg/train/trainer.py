@@ -102,6 +102,9 @@ class Trainer:
                   (warmup), step() at the end of every epoch
     loss_fn       the training loss (default SoftmaxCrossEntropy()); validation always
                   reports plain cross-entropy, without label smoothing
+    distributed   a minivgg.distributed.Distributed for data-parallel training: gradients are
+                  all-reduced right before optimizer.step(), epoch metrics are summed over the
+                  ranks, and only rank 0 writes files (the loaders must be the rank's shards)
 
     Without a val_loader, best.npz follows the training accuracy.
     """
@@ -109,7 +112,7 @@ class Trainer:
     def __init__(self, model, optimizer, train_loader, val_loader=None, loss_fn=None, scheduler=None,
                  out_dir="runs/x", accum_steps=1, clip_norm=None, patience=None, class_names=None,
                  device="cpu", max_steps=None, extra=None, plots=True, progress=True,
-                 keep_examples=32, checkpoints=True, skip_input_grad=False):
+                 keep_examples=32, checkpoints=True, skip_input_grad=False, distributed=None):
         if int(accum_steps) < 1:
             raise ValueError(f"Trainer: accum_steps must be >= 1, got {accum_steps}")
         if patience is not None and int(patience) < 1:
@@ -128,6 +131,8 @@ class Trainer:
         self.device, self.extra = device, dict(extra or {})
         self.plots, self.progress, self.keep_examples = plots, progress, keep_examples
         self.checkpoints = checkpoints
+        self.distributed = distributed
+        self.writes = distributed is None or distributed.is_root   # rank 0 alone writes files
         # where the run stands; all of it goes into checkpoints
         self.epoch = 0                 # completed epochs
         self.global_step = 0           # optimizer steps taken
@@ -156,7 +161,8 @@ class Trainer:
     def _arrays(self):
         extra = dict(self.extra)
         extra["class_names"] = self.class_names
-        extra["trainer"] = {"batch_in_epoch": self.batch_in_epoch, "partial": self.partial,
+        partial = self.distributed.reduce_partial(self.partial) if self.distributed else self.partial
+        extra["trainer"] = {"batch_in_epoch": self.batch_in_epoch, "partial": partial,
                             "bad_epochs": self.bad_epochs, "accum_steps": self.accum_steps}
         return checkpoint_arrays(self.model, self.optimizer, self.scheduler, epoch=self.epoch,
                                  global_step=self.global_step, best_metric=self.best_metric,
@@ -164,7 +170,8 @@ class Trainer:
 
     def save(self, path=None) -> Path:
         """Write the whole run state (atomically) to `path`, default out_dir/last.npz."""
-        return atomic_savez(path or self.last_path, self._arrays())
+        arrays = self._arrays()
+        return atomic_savez(path or self.last_path, arrays) if self.writes else Path(path or self.last_path)
 
     def resume(self, path) -> dict:
         """Restore model, optimizer, schedule, RNG and progress from a checkpoint."""
@@ -174,6 +181,8 @@ class Trainer:
         self.history, self.best_metric = ckpt["history"], ckpt["best_metric"]
         self.batch_in_epoch = int(state.get("batch_in_epoch", 0))
         self.partial = dict(state.get("partial") or self._fresh_partial())
+        if self.distributed and not self.distributed.is_root:
+            self.partial = self._fresh_partial()   # the saved sums are all ranks' together: rank 0 carries them
         self.bad_epochs = int(state.get("bad_epochs", 0))
         if self.class_names is None and ckpt["extra"].get("class_names"):
             self.class_names = ckpt["extra"]["class_names"]
@@ -230,12 +239,16 @@ class Trainer:
             else:
                 sums[i] = g.copy()
 
-    def _prepare_step(self, sums, count):
-        """Average accumulated gradients and clip them; returns the gradient norm (0-d, on the device) or None."""
+    def _prepare_step(self, sums, count, samples=0):
+        """Average accumulated gradients (over micro-batches, then over the ranks when data
+        parallel: `samples` is this rank's image count in the step) and clip them; returns the
+        gradient norm (0-d, on the device) or None."""
         if count > 1:  # average the summed micro-batch gradients
             for i, (m, k) in enumerate(_trainable(self.model)):
                 if i in sums:
                     m.grads[k] = sums[i] * sums[i].dtype.type(1.0 / count)
+        if self.distributed is not None:   # data parallel: the global batch's gradient, on every rank
+            self.distributed.allreduce_gradients(self.model, samples)
         if self.clip_norm is None:
             return None
         from ..optim import clip_grad_norm
@@ -259,7 +272,7 @@ class Trainer:
         self.model.train()
         skip = self.batch_in_epoch
         p = self.partial
-        sums, count = {}, 0
+        sums, count, samples = {}, 0, 0
         try:
             total = len(loader)
         except TypeError:
@@ -279,9 +292,10 @@ class Trainer:
                 if self.accum_steps > 1:
                     self._accumulate(sums)
                 count += 1
+                samples += int(y.shape[0])
                 last = total is not None and i + 1 == total
                 step_now = count == self.accum_steps or last
-                norm = self._prepare_step(sums, count) if step_now else None
+                norm = self._prepare_step(sums, count, samples) if step_now else None
                 loss, correct = self._read_step(y, i + 1, loss, correct, norm)
                 n = int(y.shape[0])
                 p["loss_sum"] += loss * n
@@ -289,7 +303,7 @@ class Trainer:
                 p["seen"] += n
                 if step_now:
                     self._optimizer_step()
-                    sums, count = {}, 0
+                    sums, count, samples = {}, 0, 0
                     self.batch_in_epoch = i + 1
                 elapsed = p["time"] + time.perf_counter() - t0
                 bar.update(1)
@@ -297,7 +311,7 @@ class Trainer:
                                 lr=f"{self._lr():.2e}", img_s=f"{p['seen'] / max(elapsed, 1e-9):.0f}",
                                 refresh=False)
             if count:  # a loader without len(): flush the last partial accumulation
-                norm = self._prepare_step(sums, count)
+                norm = self._prepare_step(sums, count, samples)
                 if norm is not None:
                     self._check_finite("gradient norm", float(norm), self.batch_in_epoch + count)
                 self._optimizer_step()
@@ -312,12 +326,14 @@ class Trainer:
         return evaluate(self.model, it, self.eval_loss_fn, keep_examples=self.keep_examples if self.plots else 0)
 
     def _end_epoch(self, epoch_index: int) -> dict:
-        p = self.partial
+        p = self.distributed.reduce_partial(self.partial) if self.distributed else self.partial
         row = {"epoch": epoch_index + 1, "steps": self.global_step, "lr": self._lr(),
                "train_loss": p["loss_sum"] / max(p["seen"], 1), "train_acc": p["correct"] / max(p["seen"], 1),
                "time_s": p["time"], "images_per_s": p["seen"] / max(p["time"], 1e-9)}
         if self.val_loader is not None:
             ev = self._evaluate(self.val_loader, f"eval {epoch_index + 1}")
+            if self.distributed:   # each rank evaluated its shard of the validation set
+                ev = self.distributed.reduce_evaluation(ev)
             self.last_eval = ev
             row.update(val_loss=ev["loss"], val_top1=ev["top1"], val_top5=ev["top5"],
                        val_per_class=[None if math.isnan(a) else float(a) for a in ev["per_class"]])
@@ -354,11 +370,13 @@ class Trainer:
                 self.bad_epochs += 1
             if self.checkpoints:
                 arrays = self._arrays()
-                atomic_savez(self.last_path, arrays)
-                if improved:
-                    atomic_savez(self.best_path, arrays)
-            self.write_history()
-            if self.plots:
+                if self.writes:
+                    atomic_savez(self.last_path, arrays)
+                    if improved:
+                        atomic_savez(self.best_path, arrays)
+            if self.writes:
+                self.write_history()
+            if self.plots and self.writes:
                 self.draw()
             if self.progress:
                 tqdm.write(self.describe(row) + (" (best)" if improved else ""), file=sys.stderr)
