@@ -36,6 +36,7 @@ DEFAULTS = {
     "freeze_features": False, "patience": None, "max_steps": None, "train_subset": None,
     "val_size": 5000, "test_subset": None, "progress": True, "plots": True,
     "grad_flow": None,
+    "distributed": False, "sync_bn": False,
 }
 
 # Named recipes: each overrides DEFAULTS; flags given on the command line override both.
@@ -59,7 +60,7 @@ RUN_OPTIONS = ("model", "bn", "init", "dataset", "data_dir", "image_size", "chan
                "head", "hidden", "pool_size", "dropout", "optimizer", "momentum", "weight_decay",
                "schedule", "warmup", "label_smoothing", "clip_norm", "augment", "crop_padding", "normalize", "seed",
                "batch_size", "accum_steps", "freeze_features", "train_subset", "val_size", "test_subset",
-               "lr", "out", "patience")
+               "lr", "out", "patience", "sync_bn")
 
 EPILOG = """\
 examples:
@@ -78,6 +79,9 @@ examples:
   # your own photos (one sub-folder per class), fine-tuning the head on Fashion-MNIST features
   python examples/train_vgg11.py --dataset folder:photos --image-size 64 --channels 1 \\
       --init-from runs/vgg11_bn-fashion-mnist/best.npz --freeze-features
+
+  # data-parallel on 2 processes (global batch 128 = 2 x 64), BatchNorm statistics over both
+  mpirun -n 2 python examples/train_vgg11.py --distributed --sync-bn    # as root: mpirun --allow-run-as-root
 
   # then classify images with the best checkpoint
   python examples/predict.py --checkpoint runs/vgg11_bn-fashion-mnist/best.npz shirt.jpg
@@ -140,6 +144,15 @@ def make_parser(suppress: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--grad-flow", type=int, nargs="?", const=100, default=D("grad_flow"), metavar="STEPS",
                    help="write grad_flow.png: every layer's weight-gradient norm over the first STEPS "
                         "optimizer steps (100 if no number is given); shows vanishing or exploding gradients")
+
+    g = p.add_argument_group("data parallel (pip install -e '.[mpi]'; start with mpirun -n K)")
+    g.add_argument("--distributed", action=argparse.BooleanOptionalAction, default=D("distributed"),
+                   help="train one model on the K processes mpirun started: each takes 1/K of every "
+                        "--batch-size batch and the gradients are averaged before every step (MPI on the "
+                        "CPU, NCCL on GPUs: rank r uses gpu:r of its machine); rank 0 alone writes --out")
+    g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=D("sync_bn"),
+                   help="with --distributed: BatchNorm statistics over the whole global batch (all ranks), "
+                        "instead of each rank's own share")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=["vgg11", "vgg13", "vgg16", "vgg19"], default=D("model"),
@@ -307,8 +320,9 @@ def load_data(args) -> dict:
             "test_name": test_name, "mean": tuple(mean), "std": tuple(std)}
 
 
-def make_loaders(args, data):
-    from minivgg.data import DataLoader, transforms
+def make_loaders(args, data, dist=None):
+    """Train / val / test loaders; with `dist`, this rank's shards (training: its part of every batch)."""
+    from minivgg.data import DataLoader, ShardedLoader, shard_bounds, transforms
     augment = None
     if args.augment:
         s = args.image_size
@@ -317,6 +331,12 @@ def make_loaders(args, data):
         augment = transforms.Compose(steps + [transforms.RandomHorizontalFlip()])
     norm = (data["mean"], data["std"])
     common = dict(batch_size=args.batch_size, normalize=norm, device=args.device)
+    if dist is not None:   # data parallel: evaluation sets split in K consecutive parts
+        train = ShardedLoader(*data["train"], rank=dist.rank, world=dist.world, shuffle=True, seed=args.seed,
+                              transform=augment, **common)
+        part = lambda a: tuple(v[slice(*shard_bounds(len(a[1]), dist.rank, dist.world))] for v in a)  # noqa: E731
+        return (train, DataLoader(*part(data["val"]), shuffle=False, **common),
+                DataLoader(*part(data["test"]), shuffle=False, **common))
     train = DataLoader(*data["train"], shuffle=True, seed=args.seed, transform=augment, **common)
     val = DataLoader(*data["val"], shuffle=False, **common)
     test = DataLoader(*data["test"], shuffle=False, **common)
@@ -363,6 +383,35 @@ def make_optimizer(args, model, steps_per_epoch):
     return opt, sched
 
 
+# -- data parallel --------------------------------------------------------------------------------
+def start_distributed(args):
+    """Join the MPI job: the rank's device, rank 0 alone prints, draws progress bars and plots."""
+    import os
+    from minivgg import distributed
+    dist = distributed.init(args.device)
+    dist.install_excepthook()
+    args.device = dist.device
+    if not dist.is_root:
+        args.progress = args.plots = False
+        sys.stdout = open(os.devnull, "w")   # errors still reach stderr, prefixed with the rank
+    print(f"data parallel: {dist.world} ranks ({dist.engine.name}), global batch {args.batch_size} "
+          f"= {dist.world} x ~{args.batch_size / dist.world:g}, BatchNorm statistics "
+          f"{'over all ranks (--sync-bn)' if args.sync_bn else 'per rank'}")
+    return dist
+
+
+def join_model(args, dist, model, data, train_loader) -> None:
+    """Check every rank was given the same run, then start every copy from rank 0's weights."""
+    from minivgg.layers.sync_norm import convert_sync_batchnorm
+    per_rank = ("device", "progress", "plots", "given", "out")
+    dist.check_same({"options": {k: v for k, v in vars(args).items() if k not in per_rank},
+                     "model": model.config, "training images": len(data["train"][1]),
+                     "steps per epoch": len(train_loader), "classes": data["classes"]})
+    if args.sync_bn:
+        convert_sync_batchnorm(model, dist.engine)
+    dist.broadcast_model(model)
+
+
 # -- the run ------------------------------------------------------------------------------------
 def run(args) -> int:
     from minivgg import backend
@@ -372,12 +421,13 @@ def run(args) -> int:
     from minivgg.train.plots import GradFlowRecorder, plot_confusion
 
     check_args(args)
+    dist = start_distributed(args) if args.distributed else None
     backend.get_xp(args.device)   # a missing GPU fails here, with what to install
     out = Path(args.out or f"runs/{args.model}{'_bn' if args.bn else ''}-{args.dataset.replace(':', '-').replace('/', '_')}")
     args.out = str(out)
     t0 = time.perf_counter()
     data = load_data(args)
-    train_loader, val_loader, test_loader = make_loaders(args, data)
+    train_loader, val_loader, test_loader = make_loaders(args, data, dist)
     C, S = data["channels"], args.image_size
     print(f"data: {len(data['train'][1]):,} training, {len(data['val'][1]):,} validation"
           f"{' (the test set)' if data['val'] is data['test'] else ''}, {len(data['test'][1]):,} "
@@ -387,6 +437,8 @@ def run(args) -> int:
     model = make_model(args, len(data["classes"]), C)
     if args.freeze_features:
         freeze_features(model)
+    if dist is not None:
+        join_model(args, dist, model, data, train_loader)
     print(summary(model, (1, C, S, S), batch_size=args.batch_size))
     opt, sched = make_optimizer(args, model, max(1, len(train_loader) // args.accum_steps))
     extra = {"args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
@@ -398,7 +450,8 @@ def run(args) -> int:
                       accum_steps=args.accum_steps, clip_norm=args.clip_norm, patience=args.patience,
                       class_names=data["classes"], device=args.device, max_steps=args.max_steps,
                       extra=extra, plots=args.plots, progress=args.progress,
-                      skip_input_grad=True)   # the images need no gradient (as in torch)
+                      skip_input_grad=True,   # the images need no gradient (as in torch)
+                      distributed=dist)
     out.mkdir(parents=True, exist_ok=True)
     if args.plots:
         draw_architecture(model, (C, S, S), out / "architecture.png")
@@ -414,6 +467,8 @@ def run(args) -> int:
         return 130
     if grad_flow is not None:
         grad_flow.write()   # a run shorter than --grad-flow steps
+    if dist is not None:
+        dist.comm.Barrier()   # rank 0 has written best.npz before any rank reads it
     print(f"training stopped: {trainer.stop_reason} after {trainer.epoch} epoch(s), "
           f"{trainer.global_step} steps")
 
@@ -423,6 +478,10 @@ def run(args) -> int:
         best = load_checkpoint(trainer.best_path, model)
         which = f"best.npz (epoch {best['epoch']})"
     ev = evaluate(model, test_loader)
+    if dist is not None:
+        ev = dist.reduce_evaluation(ev)   # each rank scored its part of the test set
+        if not dist.is_root:
+            return 0
     plot_confusion(ev["confusion"], data["classes"], out / "test_confusion.png",
                    title=f"{data['test_name']}, {which}")
     (out / "test.json").write_text(json.dumps({"top1": ev["top1"], "top5": ev["top5"], "loss": ev["loss"],
@@ -463,4 +522,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from minivgg.distributed import abort_if_failed   # an MPI rank that fails takes the others with it
+    sys.exit(abort_if_failed(main()))

@@ -324,6 +324,22 @@ def mpirun_command(n: int, mpirun: str | None = None) -> list[str]:
     return cmd
 
 
+def abort_if_failed(code: int) -> int:
+    """In an MPI job of several ranks, turn this rank's non-zero exit status into MPI Abort.
+
+    A rank that returns an error code (bad data, a non-finite loss) while the others wait in an
+    all-reduce would leave them waiting; Abort makes the launcher end them all. Returns `code`.
+    """
+    MPI = sys.modules.get("mpi4py.MPI")
+    if code and MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized():
+        world = MPI.COMM_WORLD
+        if world.Get_size() > 1:
+            print(f"rank {world.Get_rank()}/{world.Get_size()}: exit status {code}; stopping all ranks "
+                  "(MPI Abort)", file=sys.stderr, flush=True)
+            world.Abort(int(code))
+    return code
+
+
 def init(device: str = "cpu", bucket_mb: float = BUCKET_MB) -> Distributed:
     """Join the MPI job this process was started in (mpirun / mpiexec / srun)."""
     return Distributed(device, bucket_mb)

@@ -339,3 +339,53 @@ def test_a_last_batch_smaller_than_the_ranks_is_dropped_and_bad_ranks_are_named(
     with pytest.raises(ValueError, match="global batch_size 2 is smaller than the 3 ranks"):
         ShardedLoader(images, labels, 2, 0, 3)
     assert [shard_bounds(10, r, 3) for r in range(3)] == [(0, 4), (4, 7), (7, 10)]
+
+
+# -- the command line ----------------------------------------------------------------------------
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+TRAIN = ROOT / "examples" / "train_vgg11.py"
+# VGG-11-BN at 1/64 width, 48 images in batches of 8 (4 per rank), 2 epochs = 12 steps, no
+# augmentation (whose draws are per rank by design). SGD, not Adam: the convs' biases feed
+# BatchNorm, their exact gradient is 0, and Adam would scale their rounding noise up to lr.
+CLI_RUN = ["--width-ratio", "64", "--hidden", "16", "--batch-size", "8", "--no-progress", "--no-plots",
+           "--train-subset", "48", "--val-size", "16", "--test-subset", "32", "--epochs", "2", "--no-augment",
+           "--bn", "--sync-bn", "--optimizer", "sgd", "--momentum", "0.9", "--lr", "0.05"]
+
+
+def cli_run(*args, ranks=0, fails=False):
+    cmd = [sys.executable, str(TRAIN), *map(str, args)]
+    if ranks:
+        cmd = mpirun_command(ranks) + cmd + ["--distributed"]
+    rc, out, err, _ = _run(cmd, timeout=300)
+    assert (rc != 0) if fails else (rc == 0), f"{cmd}: {rc}\n{out[-2000:]}\n{err[-3000:]}"
+    return out, err
+
+
+def saved_model(path):
+    from minivgg.train import load_checkpoint
+    return {k: backend.to_numpy(v) for k, v in load_checkpoint(path)["model"].items()}
+
+
+@needs_mpi
+@pytest.mark.slow
+@pytest.mark.skipif(not FMNIST.is_dir(), reason=f"real Fashion-MNIST not installed at {FMNIST}")
+def test_cli_two_ranks_sync_bn_equal_one_process_and_resume_on_one_rank(tmp_path):
+    out, _ = cli_run(*CLI_RUN, "--out", tmp_path / "two", ranks=2)
+    assert "data parallel: 2 ranks (mpi), global batch 8 = 2 x ~4" in out
+    assert out.count("training stopped: completed after 2 epoch(s), 12 steps") == 1   # rank 0 alone prints
+    cli_run(*CLI_RUN, "--out", tmp_path / "one")
+    two, one = saved_model(tmp_path / "two" / "last.npz"), saved_model(tmp_path / "one" / "last.npz")
+    for k in one:
+        np.testing.assert_allclose(two[k], one[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    h1 = json.loads((tmp_path / "one" / "history.json").read_text())
+    h2 = json.loads((tmp_path / "two" / "history.json").read_text())
+    assert [r["val_top1"] for r in h2] == [r["val_top1"] for r in h1]
+    assert json.loads((tmp_path / "two" / "test.json").read_text())["n"] == 32   # both halves scored
+
+    # stopped after 8 of 12 steps on 2 ranks, finished on 1: the same to float32 summation tolerance
+    cli_run(*CLI_RUN, "--max-steps", "8", "--out", tmp_path / "stop", ranks=2)
+    # (--val-size again: train_vgg11.py re-derives it from --train-subset when it is not typed)
+    cli_run("--resume", tmp_path / "stop" / "last.npz", "--epochs", "2", "--val-size", "16", "--no-progress")
+    resumed = saved_model(tmp_path / "stop" / "last.npz")
+    for k in one:
+        np.testing.assert_allclose(resumed[k], two[k], rtol=1e-5, atol=1e-6, err_msg=k)
