@@ -389,3 +389,17 @@ def test_cli_two_ranks_sync_bn_equal_one_process_and_resume_on_one_rank(tmp_path
     resumed = saved_model(tmp_path / "stop" / "last.npz")
     for k in one:
         np.testing.assert_allclose(resumed[k], two[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+@needs_mpi
+def test_distributed_speed_benchmark_runs_its_checks_and_reports_every_configuration(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "distributed_speed.py"), "--width-ratio", "64", "--steps", "1",
+           "--warmup", "1", "--rounds", "1", "--bw-repeats", "1", "--json", str(tmp_path / "d.json")]
+    rc, out, err, _ = _run(cmd)
+    assert rc == 0, err[-3000:]
+    for row in ("1 x 1", "1 x 2", "2 x 1"):
+        assert row in out
+    assert "bus bandwidth" in out
+    results = json.loads((tmp_path / "d.json").read_text())["results"]
+    assert [(r["ranks"], r["threads"]) for r in results] == [(1, 1), (1, 2), (2, 1)]
+    assert 0 < results[2]["allreduce_s"] < results[2]["step_s"]
