@@ -50,7 +50,7 @@ def worker(args) -> None:
     rank, world, device = 0, 1, args.device
     if args.distributed:
         from minivgg import distributed
-        dist = distributed.init(args.device)
+        dist = distributed.init(args.device, bucket_mb=args.bucket_mb)
         dist.install_excepthook()
         rank, world, device = dist.rank, dist.world, dist.device
     backend.seed(0)
@@ -171,7 +171,7 @@ def run_config(args, ranks, threads) -> dict:
                MKL_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
     cmd = [sys.executable, HERE, "--worker", "--batch-size", str(args.batch_size), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--device", args.device, "--width-ratio", str(args.width_ratio),
-           "--bw-repeats", str(args.bw_repeats)]
+           "--bw-repeats", str(args.bw_repeats), "--bucket-mb", str(args.bucket_mb)]
     if ranks > 1:
         from minivgg.distributed import mpirun_command
         cmd = mpirun_command(ranks) + cmd + ["--distributed"]
@@ -190,6 +190,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first one is checked)")
     p.add_argument("--width-ratio", type=int, default=1, help="divide VGG-11's conv widths (1 = the paper's)")
     p.add_argument("--device", default="cpu", help="cpu, or gpu (rank r uses gpu:r; NCCL)")
+    p.add_argument("--bucket-mb", type=float, default=25.0, help="gradient bucket size (MiB)")
     p.add_argument("--bw-repeats", type=int, default=10, help="repeats of the all-reduce-alone timings")
     p.add_argument("--rounds", type=int, default=2,
                    help="run the configurations in turn this many times and pool their steps, so a burst of "
@@ -210,6 +211,7 @@ def main(argv=None) -> int:
     info = common.machine_info("cpu")
     print(common.header(info, f"distributed_speed: VGG-11 @ 32x32 (width 1/{args.width_ratio}), global batch "
                               f"{args.batch_size}, Adam, {args.steps} timed steps after {args.warmup}; {args.device}"))
+    load_start = os.getloadavg()
     runs = {c: [] for c in configs}
     for i in range(args.rounds):
         for ranks, threads in configs:
@@ -217,6 +219,9 @@ def main(argv=None) -> int:
                   file=sys.stderr, flush=True)
             runs[(ranks, threads)].append(run_config(args, ranks, threads))
     results = [pool(rs) for rs in runs.values()]
+    load = {"start": load_start, "end": os.getloadavg()}
+    print(f"load average (1, 5, 15 min) at start {load_start}, at end {load['end']} on {os.cpu_count()} cores: "
+          "other work on the machine slows every configuration")
     base = results[0]["images_per_s"]
     rows = []
     for r in results:
@@ -237,7 +242,7 @@ def main(argv=None) -> int:
           f"{dp['allreduce_tiny_s'] * 1e6:.0f} us for 8 bytes (latency)")
     if args.json:
         common.write_json(args.json, {"benchmark": "distributed_speed", "machine": info, "args": vars(args),
-                                      "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                      "command": " ".join(sys.argv), "load_average": load, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                       "results": results})
     return 0
 
