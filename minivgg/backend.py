@@ -100,7 +100,12 @@ def nccl_module():
     """CuPy's NCCL bindings (cupy.cuda.nccl), for data-parallel training on GPUs (minivgg.distributed)."""
     if cupy is None:
         raise RuntimeError(f"NCCL needs CuPy, which could not be imported ({_CUPY_IMPORT_ERROR}); {_INSTALL_HINT}")
-    from cupy.cuda import nccl  # type: ignore
+    import importlib
+    try:   # cupy.cuda.nccl, of whichever module `cupy` is here (the real one, or the test stand-in)
+        nccl = importlib.import_module(f"{cupy.__name__}.cuda.nccl")
+    except ImportError as e:
+        raise RuntimeError(f"{cupy.__name__} has no NCCL bindings ({e}): data-parallel GPU training needs "
+                           "CuPy with NCCL (pip install nvidia-nccl-cu12 beside cupy-cuda12x)") from e
     if not nccl.available:
         raise RuntimeError("this CuPy has no NCCL library: pip install nvidia-nccl-cu12 (or -cu13) "
                            "beside cupy-cuda12x, or train on the CPU")

@@ -403,3 +403,85 @@ def test_distributed_speed_benchmark_runs_its_checks_and_reports_every_configura
     results = json.loads((tmp_path / "d.json").read_text())["results"]
     assert [(r["ranks"], r["threads"]) for r in results] == [(1, 1), (1, 2), (2, 1)]
     assert 0 < results[2]["allreduce_s"] < results[2]["step_s"]
+
+
+# -- the NCCL engine, against a stand-in for cupy.cuda.nccl ----------------------------------------
+class FakeNccl:
+    """cupy.cuda.nccl's API as CuPy documents it (nccl.pyx), reducing host memory behind the pointers.
+
+    Only for the CuPy stand-in, whose device arrays live in host memory (data.ptr is a host address).
+    """
+
+    available = True
+    NCCL_FLOAT16, NCCL_FLOAT32, NCCL_FLOAT64, NCCL_INT64, NCCL_SUM = 6, 7, 8, 4, 0
+    CTYPES = {6: np.float16, 7: np.float32, 8: np.float64, 4: np.int64}
+
+    def __init__(self, world):
+        self.clique = ThreadComm(world)
+        self.calls = []
+
+    def get_unique_id(self):
+        return tuple(range(128))
+
+    def NcclCommunicator(self, ndev, commId, rank):   # noqa: N802 (CuPy's name)
+        assert ndev == self.clique.world and len(commId) == 128 and 0 <= rank < ndev
+        fake, view = self, self.clique.rank_view(rank)
+
+        def host(ptr, count, datatype):
+            import ctypes
+            dt = np.dtype(fake.CTYPES[datatype])
+            return np.frombuffer((ctypes.c_char * (count * dt.itemsize)).from_address(ptr), dtype=dt)
+
+        class Comm:
+            def allReduce(self, sendbuf, recvbuf, count, datatype, op, stream):   # noqa: N802
+                assert op == fake.NCCL_SUM and sendbuf == recvbuf and isinstance(stream, int)
+                fake.calls.append(("allReduce", rank, count, datatype))
+                view.allreduce_sum_(host(recvbuf, count, datatype))
+
+            def bcast(self, buff, count, datatype, root, stream):
+                fake.calls.append(("bcast", rank, count, datatype))
+                buf = host(buff, count, datatype)
+                fake.clique.slots[rank] = buf.copy()
+                fake.clique.barrier.wait()
+                buf[...] = fake.clique.slots[root]
+                fake.clique.barrier.wait()
+        return Comm()
+
+
+@pytest.mark.skipif(backend.cupy is None or "fakecupy" not in backend.cupy.__name__,
+                    reason="needs the CuPy stand-in (MINIVGG_FAKE_CUPY=1): the fake NCCL reads host memory")
+def test_nccl_engine_all_reduces_device_buffers_for_buckets_and_sync_batchnorm(monkeypatch, rng):
+    from minivgg import distributed
+    fake = FakeNccl(2)
+    monkeypatch.setattr(backend, "nccl_module", lambda: fake)
+
+    class HostComm:   # what MPI does for NCCL: hand rank 0's unique id to everyone
+        def bcast(self, obj, root=0):
+            return obj if obj is not None else fake.get_unique_id()
+
+    x = rng.normal(2.0, 1.5, (6, 3, 4, 4)).astype(np.float32)
+    full = BatchNorm2d(3)
+    out_full = full.forward(x)
+
+    def rank(r, _):
+        engine = distributed.NCCLEngine(HostComm(), r, 2)
+        bn = SyncBatchNorm2d(3, engine).to("gpu")
+        out = backend.to_numpy(bn.forward(backend.to_device(x[3 * r:3 * r + 3], "gpu")))
+        model = VGG("vgg11", num_classes=3, in_channels=1, width_ratio=64, hidden=(4,), pool_size=1).to("gpu")
+        for _, layer in model.modules():
+            for k, p in layer.params.items():
+                layer.grads[k] = backend.to_device(np.full(p.shape, r + 1, np.float32), "gpu")
+        total = GradientBuckets(model, 0.001).allreduce(model, engine, n_local=1 + 2 * r)   # n = 1, 3
+        grads = [backend.to_numpy(g) for _, _, g in model.named_parameters()]
+        w = backend.to_device(np.full(5, r, np.float32), "gpu")
+        engine.broadcast_(w, root=1)
+        return out, total, grads, backend.to_numpy(w)
+    results = ThreadComm(2).run(rank)
+    np.testing.assert_allclose(np.concatenate([o for o, *_ in results]), out_full, rtol=1e-5, atol=1e-5)
+    for _, total, grads, w in results:
+        assert total == 4
+        for g in grads:   # (1 * 1 + 3 * 2) / 4
+            np.testing.assert_allclose(g, 7 / 4, rtol=1e-6)
+        np.testing.assert_array_equal(w, 1.0)
+    assert {c[0] for c in fake.calls} == {"allReduce", "bcast"}
+    assert all(c[3] == FakeNccl.NCCL_FLOAT32 for c in fake.calls)
