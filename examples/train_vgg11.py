@@ -422,6 +422,9 @@ def run(args) -> int:
 
     check_args(args)
     dist = start_distributed(args) if args.distributed else None
+    if args.sync_bn and dist is None:
+        print("note: --sync-bn acts only with --distributed (one process: BatchNorm already sees the whole "
+              "batch)", file=sys.stderr)
     backend.get_xp(args.device)   # a missing GPU fails here, with what to install
     out = Path(args.out or f"runs/{args.model}{'_bn' if args.bn else ''}-{args.dataset.replace(':', '-').replace('/', '_')}")
     args.out = str(out)
