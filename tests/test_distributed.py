@@ -485,3 +485,24 @@ def test_nccl_engine_all_reduces_device_buffers_for_buckets_and_sync_batchnorm(m
         np.testing.assert_array_equal(w, 1.0)
     assert {c[0] for c in fake.calls} == {"allReduce", "bcast"}
     assert all(c[3] == FakeNccl.NCCL_FLOAT32 for c in fake.calls)
+
+
+@needs_mpi
+@pytest.mark.slow
+@pytest.mark.skipif(not FMNIST.is_dir(), reason=f"real Fashion-MNIST not installed at {FMNIST}")
+def test_cli_ranks_started_with_different_options_stop_with_the_option_named(tmp_path):
+    # MPMD: one mpirun, rank 0 and rank 1 given different --width-ratio
+    run = [sys.executable, str(TRAIN), *CLI_RUN, "--distributed", "--out", str(tmp_path / "x")]
+    cmd = mpirun_command(1) + run + [":", "-n", "1"] + run + ["--width-ratio", "32"]
+    rc, out, err, seconds = _run(cmd, timeout=120)
+    assert rc != 0
+    assert "error: the ranks disagree at start-up: model.width_ratio is 32 on rank 1 but 64 on rank 0" in err
+    assert "options.width_ratio is 32 on rank 1 but 64 on rank 0" in err
+    assert "stopping all ranks (MPI Abort)" in err
+
+
+def test_without_mpi4py_the_error_says_what_to_install(monkeypatch):
+    from minivgg import distributed
+    monkeypatch.setitem(sys.modules, "mpi4py", None)   # import mpi4py -> ImportError
+    with pytest.raises(RuntimeError, match=r"needs mpi4py and an MPI library .*pip install -e '\.\[mpi\]'"):
+        distributed.init("cpu")
