@@ -32,6 +32,7 @@ from minivgg.train import Trainer  # noqa: E402
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--distributed", action="store_true", help="join the MPI job (rank, world from mpirun)")
+    p.add_argument("--device", default="cpu", help="cpu, or gpu (the CuPy stand-in under MINIVGG_FAKE_CUPY=1)")
     p.add_argument("--simulate", type=int, default=0, metavar="K",
                    help="one process plays K ranks with per-rank BatchNorm (K model copies, averaged grads)")
     p.add_argument("--bn", choices=["none", "local", "sync"], default="none",
@@ -112,24 +113,25 @@ def main(argv=None) -> int:
     rank, world = 0, 1
     if args.distributed:
         from minivgg import distributed
-        dist = distributed.init("cpu")
+        dist = distributed.init(args.device)
         dist.install_excepthook()
         rank, world = dist.rank, dist.world
     try:
         width = 8 if args.mismatch_rank == rank else 16
-        model = make_model(args.bn, width)
+        device = dist.device if dist is not None else args.device
+        model = make_model(args.bn, width).to(device)
         if dist is not None:
             dist.check_same({"model": model.config, "batch_size": args.batch_size, "n": args.n})
             if args.bn == "sync":
                 from minivgg.layers.sync_norm import convert_sync_batchnorm
                 convert_sync_batchnorm(model, dist.engine)
             dist.broadcast_model(model)
-            train = ShardedLoader(images, labels, args.batch_size, rank, world, seed=0, prefetch=0)
+            train = ShardedLoader(images, labels, args.batch_size, rank, world, seed=0, prefetch=0, device=device)
             a, b = shard_bounds(len(val[1]), rank, world)
-            val_loader = DataLoader(val[0][a:b], val[1][a:b], 8, shuffle=False, prefetch=0)
+            val_loader = DataLoader(val[0][a:b], val[1][a:b], 8, shuffle=False, prefetch=0, device=device)
         else:
-            train = DataLoader(images, labels, args.batch_size, seed=0, prefetch=0)
-            val_loader = DataLoader(*val, 8, shuffle=False, prefetch=0)
+            train = DataLoader(images, labels, args.batch_size, seed=0, prefetch=0, device=device)
+            val_loader = DataLoader(*val, 8, shuffle=False, prefetch=0, device=device)
         opt = Adam(model, lr=1e-3, eps=args.eps)
         if args.die_rank == rank:
             step, done = opt.step, []
@@ -144,7 +146,7 @@ def main(argv=None) -> int:
             opt.step = dying_step
         trainer = Trainer(model, opt, train, val_loader=val_loader, out_dir=args.ckpt_dir or Path(args.out).parent / "run",
                           plots=False, progress=False, checkpoints=args.ckpt_dir is not None,
-                          max_steps=args.max_steps, distributed=dist)
+                          max_steps=args.max_steps, distributed=dist, device=device)
         trainer.fit(args.epochs, resume=args.resume)
         if rank == 0:
             save(args.out, model, trainer.history)

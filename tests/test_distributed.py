@@ -38,9 +38,9 @@ needs_mpi = pytest.mark.skipif(_MISSING is not None, reason=f"MPI unavailable ({
 
 
 # -- running the worker --------------------------------------------------------------------------
-def _run(cmd, timeout=TIMEOUT_S):
+def _run(cmd, timeout=TIMEOUT_S, **env_extra):
     """Run cmd in its own process group; kill the whole group if it outlives `timeout`."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", **env_extra)
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
@@ -53,13 +53,14 @@ def _run(cmd, timeout=TIMEOUT_S):
     return p.returncode, out, err, time.perf_counter() - t0
 
 
-def worker(*args, ranks=0):
+def worker(*args, ranks=0, **env):
     """Run the worker alone (ranks=0) or under mpirun with `ranks` ranks; fail on a non-zero exit."""
     cmd = [sys.executable, str(WORKER), *map(str, args)]
     if ranks:
         cmd = mpirun_command(ranks) + [sys.executable, str(WORKER), "--distributed", *map(str, args)]
-    rc, out, err, _ = _run(cmd)
+    rc, out, err, _ = _run(cmd, **env)
     assert rc == 0, f"worker {args} on {ranks or 1} process(es) failed ({rc}):\n{out[-2000:]}\n{err[-3000:]}"
+    return out, err
 
 
 def load(path):
@@ -115,6 +116,18 @@ def test_per_rank_batchnorm_is_two_half_batches_not_one_batch(tmp_path):
     for k in sim:   # rank 0 = the by-hand simulation: each half normalised by its own statistics
         np.testing.assert_allclose(two[k], sim[k], rtol=1e-5, atol=1e-6, err_msg=k)
     assert max_diff(one, two, [k for k in one if "running_mean" in k]) > 1e-3   # not the full batch's
+
+
+@needs_mpi
+@pytest.mark.skipif(backend.cupy is None or "fakecupy" not in backend.cupy.__name__,
+                    reason="runs the GPU path on the CuPy stand-in (MINIVGG_FAKE_CUPY=1)")
+def test_gpu_path_two_ranks_with_sync_bn_equal_one_process(tmp_path):
+    """--device gpu end to end on the stand-in (2 'GPUs'): without NCCL, MPI through the host, said so."""
+    env = {"MINIVGG_FAKE_CUPY": "1", "MINIVGG_FAKECUPY_DEVICES": "2"}
+    worker("--device", "gpu", "--bn", "local", "--eps", "1e-4", "--out", tmp_path / "one.npz", **env)
+    _, err = worker("--device", "gpu", "--bn", "sync", "--eps", "1e-4", "--out", tmp_path / "two.npz", ranks=2, **env)
+    assert "the all-reduces go through host memory over MPI instead (slower)" in err
+    assert_same_training(load(tmp_path / "one.npz"), load(tmp_path / "two.npz"), initial_weights("local"))
 
 
 @needs_mpi
