@@ -167,8 +167,9 @@ def pool(rs: list) -> dict:
 
 
 def run_config(args, ranks, threads) -> dict:
-    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
-               MKL_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    if threads:   # 0: the libraries' defaults (GPU runs)
+        env.update(OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     cmd = [sys.executable, HERE, "--worker", "--batch-size", str(args.batch_size), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--device", args.device, "--width-ratio", str(args.width_ratio),
            "--bw-repeats", str(args.bw_repeats), "--bucket-mb", str(args.bucket_mb)]
