@@ -37,6 +37,13 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
 # -- one configuration, in its own process(es) ----------------------------------------------------
+def sync(device: str) -> None:
+    """Wait for the GPU's queued work (minivgg's only: torch is not involved here); no-op on the CPU."""
+    if device != "cpu":
+        from minivgg import backend
+        backend.synchronize()
+
+
 def worker(args) -> None:
     """Time training steps; rank 0 prints one JSON line with the medians."""
     import numpy as np
@@ -73,10 +80,10 @@ def worker(args) -> None:
         reduce = engine.allreduce_sum_
 
         def timed_allreduce(buf):   # the time spent inside the collective, device synchronised
-            common.synchronize(device)
+            sync(device)
             t0 = time.perf_counter()
             reduce(buf)
-            common.synchronize(device)
+            sync(device)
             comm_times[-1] += time.perf_counter() - t0
             return buf
         engine.allreduce_sum_ = timed_allreduce
@@ -105,10 +112,10 @@ def worker(args) -> None:
     comm_times.clear()
     times = []
     for _ in range(args.steps):
-        common.synchronize(device)
+        sync(device)
         t0 = time.perf_counter()
         step()
-        common.synchronize(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     result = {"ranks": world, "threads": int(os.environ.get("OPENBLAS_NUM_THREADS", "0") or 0),
               "device": device, "step_s": statistics.median(times), "step_times": times,
@@ -137,10 +144,10 @@ def bandwidth(dist, model, device, repeats) -> dict:
         ts = []
         for _ in range(repeats):
             dist.comm.Barrier()
-            common.synchronize(device)
+            sync(device)
             t0 = time.perf_counter()
             dist.engine.allreduce_sum_(buf)
-            common.synchronize(device)
+            sync(device)
             ts.append(time.perf_counter() - t0)
         out[f"allreduce_{name}_s"] = statistics.median(ts)
         out[f"allreduce_{name}_bytes"] = size * 4
