@@ -5,8 +5,8 @@ train_speed.py), global batch 64, Adam. Each configuration runs in fresh process
   1 rank x 1 BLAS thread            the unit of work
   1 rank x K BLAS threads           the same cores as K ranks, used by threads instead
   K ranks x 1 BLAS thread (mpirun)  data parallel: each rank 64/K images, gradients all-reduced
-and reports the step time (median), the time inside the gradient all-reduce, the communication
-share of a step, images/s and the scaling efficiency = images/s / (K x the 1-rank, 1-thread images/s).
+and reports the step time (median), the wait for the slower rank before the all-reduce (a
+barrier, timed apart), the time inside the gradient all-reduce, the all-reduce's share of a step, images/s and the scaling efficiency = images/s / (K x the 1-rank, 1-thread images/s).
 It also measures the all-reduce alone on the gradient's size (bus bandwidth, as nccl-tests define it:
 2(K-1)/K x bytes / time) and on 8 bytes (latency), the two figures the README's multi-GPU and
 multi-node estimates start from. Before timing, the K ranks must hold bit-identical weights after a
@@ -73,7 +73,7 @@ def worker(args) -> None:
     x, y = backend.to_device(x_all[a:b], device), backend.to_device(y_all[a:b], device)
     loss_fn = SoftmaxCrossEntropy()
     opt = Adam(model, lr=1e-3)
-    comm_times = []
+    comm_times, wait_times = [], []
     if dist is not None:
         dist.broadcast_model(model)
         engine = dist.engine
@@ -93,6 +93,10 @@ def worker(args) -> None:
         loss_fn(model.forward(x), y)
         model.backward(loss_fn.backward())
         if dist is not None:
+            sync(device)
+            t0 = time.perf_counter()
+            dist.comm.Barrier()   # the wait for the slower rank, timed apart from the transfer
+            wait_times.append(time.perf_counter() - t0)
             dist.allreduce_gradients(model, len(y))
         opt.step()
 
@@ -110,6 +114,7 @@ def worker(args) -> None:
     for _ in range(args.warmup - 1):
         step()
     comm_times.clear()
+    wait_times.clear()
     times = []
     for _ in range(args.steps):
         sync(device)
@@ -124,6 +129,7 @@ def worker(args) -> None:
     if dist is not None:
         result["allreduce_s"] = statistics.median(comm_times)
         result["allreduce_times"] = comm_times
+        result["wait_s"], result["wait_times"] = statistics.median(wait_times), wait_times
         result["buckets_mb"] = dist._buckets.sizes_mb()
         result.update(bandwidth(dist, model, device, args.bw_repeats))
         slowest = dist.comm.allreduce(result["step_s"], op=dist.MPI.MAX)
@@ -166,6 +172,8 @@ def pool(rs: list) -> dict:
     if "allreduce_times" in out:
         out["allreduce_times"] = [t for r in rs for t in r["allreduce_times"]]
         out["allreduce_s"] = statistics.median(out["allreduce_times"])
+        out["wait_times"] = [t for r in rs for t in r["wait_times"]]
+        out["wait_s"] = statistics.median(out["wait_times"])
         for key in ("allreduce_grad_sized_s", "allreduce_tiny_s"):
             out[key] = statistics.median(r[key] for r in rs)
         out["bus_bandwidth_GBps"] = statistics.median(r["bus_bandwidth_GBps"] for r in rs)
@@ -235,12 +243,13 @@ def main(argv=None) -> int:
     for r in results:
         cores = r["ranks"] * max(r["threads"], 1)
         eff = r["images_per_s"] / (cores * base) if cpu else r["images_per_s"] / (r["ranks"] * base)
-        comm = r.get("allreduce_s")
+        comm, wait = r.get("allreduce_s"), r.get("wait_s")
         rows.append([f"{r['ranks']} x {r['threads'] or '-'}", f"{r['step_s'] * 1e3:.0f}",
+                     f"{wait * 1e3:.1f}" if wait is not None else "-",
                      f"{comm * 1e3:.1f}" if comm is not None else "-",
                      f"{100 * comm / r['step_s']:.1f}%" if comm is not None else "-",
                      f"{r['images_per_s']:.1f}", f"{r['images_per_s'] / base:.2f}x", f"{100 * eff:.0f}%"])
-    print(common.table(["ranks x threads", "step ms", "all-reduce ms", "comm share", "images/s",
+    print(common.table(["ranks x threads", "step ms", "wait ms", "all-reduce ms", "comm share", "images/s",
                         "speed-up", "efficiency"], rows))
     dp = results[-1]
     print(f"gradients: {dp['params']:,} float32 = {dp['params'] * 4 / 2**20:.1f} MiB in buckets of "
