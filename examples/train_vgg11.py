@@ -459,6 +459,8 @@ def run(args) -> int:
     if args.plots:
         draw_architecture(model, (C, S, S), out / "architecture.png")
     grad_flow = GradFlowRecorder(opt, args.grad_flow, out / "grad_flow.png") if args.grad_flow else None
+    if dist is not None:
+        dist.comm.Barrier()   # start the clocks together: rank 0 drew the architecture meanwhile
     try:
         trainer.fit(args.epochs, resume=args.resume)
     except NonFiniteLossError as e:
