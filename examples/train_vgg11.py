@@ -393,6 +393,7 @@ def start_distributed(args):
     args.device = dist.device
     if not dist.is_root:
         args.progress = args.plots = False
+        args.grad_flow = None   # rank 0 records the (all-reduced, so common) gradient norms
         sys.stdout = open(os.devnull, "w")   # errors still reach stderr, prefixed with the rank
     print(f"data parallel: {dist.world} ranks ({dist.engine.name}), global batch {args.batch_size} "
           f"= {dist.world} x ~{args.batch_size / dist.world:g}, BatchNorm statistics "
@@ -403,7 +404,7 @@ def start_distributed(args):
 def join_model(args, dist, model, data, train_loader) -> None:
     """Check every rank was given the same run, then start every copy from rank 0's weights."""
     from minivgg.layers.sync_norm import convert_sync_batchnorm
-    per_rank = ("device", "progress", "plots", "given", "out")
+    per_rank = ("device", "progress", "plots", "grad_flow", "given", "out")
     dist.check_same({"options": {k: v for k, v in vars(args).items() if k not in per_rank},
                      "model": model.config, "training images": len(data["train"][1]),
                      "steps per epoch": len(train_loader), "classes": data["classes"]})

@@ -97,7 +97,7 @@ class SyncBatchNorm2d(BatchNorm2d):
     def backward(self, dout):
         if self.cache is None or not self._synced:   # an eval-mode forward left BatchNorm2d's cache
             return super().backward(dout)
-        x, xhat, inv_std, M_r, M = self.cache
+        x, xhat, inv_std, M_r, M = self.saved()
         self.check_dout(dout, x.shape, like=x)
         N, C, H, W = x.shape
         xp = backend.get_array_module(x)
