@@ -223,6 +223,15 @@ def main(argv=None) -> int:
         raise SystemExit(f"--ranks must be >= 2 (compared with 1), got {args.ranks}")
     K = args.ranks
     cpu = args.device == "cpu"
+    if not cpu:   # a GPU figure must come from a GPU
+        from minivgg import backend
+        if getattr(backend.cupy, "is_fake", False):
+            raise SystemExit("--device gpu: minivgg's GPU backend is the CuPy stand-in on the CPU "
+                             "(MINIVGG_FAKE_CUPY=1), which measures no GPU speed; unset it, or use --device cpu")
+        try:
+            backend.get_xp(args.device)
+        except RuntimeError as e:
+            raise SystemExit(f"--device {args.device}: {e}")
     configs = [(1, 1), (1, K), (K, 1)] if cpu else [(1, 0), (K, 0)]
     info = common.machine_info("cpu")
     print(common.header(info, f"distributed_speed: VGG-11 @ 32x32 (width 1/{args.width_ratio}), global batch "
