@@ -106,3 +106,14 @@ def test_draw_rejects_too_small_input(tmp_path):
     with pytest.raises(ValueError, match="too small"):
         draw_architecture(vgg11(width_ratio=8, pool_size=1), (3, 28, 28), tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_title_unit_fits_the_model_size():
+    from minivgg.models.draw import format_macs
+    assert format_macs(15_470_264_320) == "15.47 G"      # VGG-16 at 224x224
+    assert format_macs(2_345_678) == "2.3 M"              # a width-1/8 VGG-11 at 32x32 read "0.00 G"
+    assert format_macs(920_000) == "920.0 K"
+    assert format_macs(512) == "512"
+    model = vgg11(width_ratio=8, hidden=(256, 256), pool_size=1, num_classes=10, in_channels=1)
+    macs = sum(r["macs"] for r in trace(model, (1, 32, 32)))   # the README's default model
+    assert 1e6 <= macs < 1e9 and format_macs(macs) == f"{macs / 1e6:.1f} M"

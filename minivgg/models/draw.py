@@ -34,6 +34,14 @@ def _stages(model: Layer, input_shape) -> tuple[list, tuple]:
     return items, rows[0]["in_shape"]
 
 
+def format_macs(macs: int) -> str:
+    """A count with the unit that fits: 15.47 G, 35.3 M, 920 K; small models no longer read '0.00 G'."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if macs >= scale:
+            return f"{macs / scale:,.2f} {unit}" if unit == "G" else f"{macs / scale:,.1f} {unit}"
+    return f"{macs:,}"
+
+
 def draw_architecture(model: Layer, input_shape, path, title: str | None = None, dpi: int = 150) -> str:
     """Render the model as boxes (input, conv blocks, max-pools, head) and save a PNG at `path`.
 
@@ -148,7 +156,7 @@ def draw_architecture(model: Layer, input_shape, path, title: str | None = None,
     if arch.startswith("vgg"):                                    # vgg16_bn -> VGG-16-BN
         arch = "VGG-" + arch[3:].upper().replace("_", "-")
     name = title or (f"{arch}   {n_params / 1e6:,.1f}M parameters   "
-                     f"{macs / 1e9:,.2f} G mult-adds per {H0}×{W0} image")
+                     f"{format_macs(macs)} mult-adds per {H0}×{W0} image")
     ax.text(-0.2, top + 0.35, name, ha="left", va="top", fontsize=13, weight="bold")
 
     has_bn = any("BN" in it.get("extras", []) for it in items)
