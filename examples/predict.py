@@ -40,48 +40,9 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-class Predictor:
-    """A model rebuilt from a checkpoint, with the preprocessing it was trained with."""
-
-    def __init__(self, path, device="cpu"):
-        from minivgg.models import build_model
-        from minivgg.train import CheckpointError, load_checkpoint, restore
-        ckpt = load_checkpoint(path)
-        extra = ckpt["extra"]
-        if not ckpt["config"]:
-            raise CheckpointError(f"{path}: holds no model config, so the model cannot be rebuilt")
-        for key in ("image_size", "channels", "normalize"):
-            if key not in extra:
-                raise CheckpointError(f"{path}: holds no '{key}' (it was not written by train_vgg11.py)")
-        self.model = build_model(ckpt["config"])
-        restore(ckpt, self.model)
-        self.model.to(device).eval()
-        self.device = device
-        self.image_size = tuple(extra["image_size"])
-        self.channels = int(extra["channels"])
-        self.mean = np.asarray(extra["normalize"]["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
-        self.std = np.asarray(extra["normalize"]["std"], dtype=np.float32).reshape(1, -1, 1, 1)
-        K = ckpt["config"]["num_classes"]
-        self.classes = extra.get("class_names") or [str(k) for k in range(K)]
-
-    def preprocess(self, paths) -> np.ndarray:
-        """Files -> the float32 (N, C, H, W) batch the model was trained on."""
-        from minivgg.data import load_image
-        images = np.stack([load_image(p, self.image_size, self.channels) for p in paths])  # (N, C, H, W)
-        x = images.astype(np.float32) / np.float32(255)
-        return (x - self.mean) / self.std
-
-    def probabilities(self, paths) -> np.ndarray:
-        """(N, K) softmax probabilities."""
-        from minivgg import backend
-        from minivgg.train import softmax
-        x = backend.to_device(self.preprocess(paths), self.device)
-        logits = backend.to_numpy(self.model.forward(x)).astype(np.float64)     # (N, K)
-        return softmax(logits)
-
-
 def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
+    from minivgg.deploy import Predictor   # the model rebuilt from the checkpoint, with its preprocessing
     from minivgg.train import CheckpointError
     try:
         if args.top < 1:

@@ -1,0 +1,177 @@
+"""Export a minivgg VGG as an ONNX graph (built layer by layer with the `onnx` package's helper API), so
+onnxruntime, TensorRT, OpenVINO or a browser can run the trained model. Needs the extra: pip install '.[export]'.
+
+One ONNX node per minivgg layer, in the order of model.modules():
+    Conv2d            -> Conv (pads, strides; weight (F, C, KH, KW) as is)
+    BatchNorm2d       -> BatchNormalization (eval: running_mean, running_var, eps)
+    ReLU              -> Relu
+    MaxPool2d         -> MaxPool
+    AdaptiveAvgPool2d -> GlobalAveragePool (1x1), AveragePool (bins that tile the map), or in
+                         general MatMul(A, MatMul(x, B^T)) with the bin-averaging matrices A, B
+    Flatten           -> Flatten(axis=1)
+    Linear            -> Gemm(transB=1): y = x W^T + b
+    Dropout           -> nothing (inference)
+Outputs: "logits" (N, K) and "probabilities" = Softmax(logits). The batch dimension is dynamic ("N");
+H and W are fixed to the image size the model was trained at. The preprocessing (image size, channels,
+mean, std, scale 1/255), the class names and the model config go into metadata_props as JSON.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .. import backend
+from ..layers import AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
+
+OPSET = 17
+
+
+def _onnx():
+    try:
+        import onnx
+        from onnx import helper, numpy_helper
+    except ImportError as e:
+        raise ImportError("ONNX export needs the 'onnx' package: pip install 'minivgg[export]' "
+                          "(or pip install onnx onnxruntime)") from e
+    return onnx, helper, numpy_helper
+
+
+def bin_matrix(size: int, out: int) -> np.ndarray:
+    """(out, size) float32 matrix averaging PyTorch's adaptive bins: row i is 1/|bin i| over bin i."""
+    A = np.zeros((out, size), dtype=np.float32)   # (OH, H)
+    for i in range(out):
+        lo, hi = math.floor(i * size / out), math.ceil((i + 1) * size / out)
+        A[i, lo:hi] = 1.0 / (hi - lo)
+    return A
+
+
+def leaf_layers(model) -> list:
+    """[(name, layer)] of the layers that compute, in forward order (containers skipped)."""
+    return [(n, m) for n, m in model.modules() if not m.children()]
+
+
+def build_graph(model, input_shape, meta: dict | None = None, doc: str = ""):
+    """An onnx.ModelProto of `model` in eval mode for inputs (N, C, H, W), N dynamic.
+
+    input_shape: (C, H, W). meta: {key: JSON-able value} written to metadata_props.
+    Raises ValueError for a layer with no ONNX mapping, naming it.
+    """
+    onnx, helper, numpy_helper = _onnx()
+    C, H, W = (int(s) for s in input_shape)
+    if hasattr(model, "check_input_shape"):
+        model.check_input_shape((1, C, H, W))
+    nodes, inits = [], []
+
+    def const(name, a):
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(backend.to_numpy(a), dtype=np.float32), name))
+        return name
+
+    x, shape = "input", (C, H, W)   # the running tensor name and its per-sample shape
+    for name, layer in leaf_layers(model):
+        out = f"{name}.out"
+        if isinstance(layer, Conv2d):
+            (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+            ins = [x, const(f"{name}.weight", layer.params["weight"])]
+            if "bias" in layer.params:
+                ins.append(const(f"{name}.bias", layer.params["bias"]))
+            nodes.append(helper.make_node("Conv", ins, [out], name=name, kernel_shape=[kh, kw],
+                                          strides=[sh, sw], pads=[ph, pw, ph, pw]))
+            shape = (layer.out_channels, (shape[1] + 2 * ph - kh) // sh + 1, (shape[2] + 2 * pw - kw) // sw + 1)
+        elif isinstance(layer, BatchNorm2d):
+            ins = [x] + [const(f"{name}.{k}", src[k]) for src, k in
+                         ((layer.params, "weight"), (layer.params, "bias"),
+                          (layer.buffers, "running_mean"), (layer.buffers, "running_var"))]
+            nodes.append(helper.make_node("BatchNormalization", ins, [out], name=name, epsilon=layer.eps))
+        elif isinstance(layer, ReLU):
+            nodes.append(helper.make_node("Relu", [x], [out], name=name))
+        elif isinstance(layer, MaxPool2d):
+            (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+            nodes.append(helper.make_node("MaxPool", [x], [out], name=name, kernel_shape=[kh, kw],
+                                          strides=[sh, sw], pads=[ph, pw, ph, pw]))
+            shape = (shape[0], (shape[1] + 2 * ph - kh) // sh + 1, (shape[2] + 2 * pw - kw) // sw + 1)
+        elif isinstance(layer, AdaptiveAvgPool2d):
+            (oh, ow), (c, h, w) = layer.output_size, shape
+            if (oh, ow) == (1, 1):
+                nodes.append(helper.make_node("GlobalAveragePool", [x], [out], name=name))
+            elif h % oh == 0 and w % ow == 0:   # equal disjoint bins
+                nodes.append(helper.make_node("AveragePool", [x], [out], name=name,
+                                              kernel_shape=[h // oh, w // ow], strides=[h // oh, w // ow]))
+            else:   # overlapping or repeated bins: out = A x B^T per (n, c), A (OH, H), B (OW, W)
+                cols = f"{name}.cols"
+                nodes.append(helper.make_node("MatMul", [x, const(f"{name}.Bt", bin_matrix(w, ow).T)],
+                                              [cols], name=f"{name}.w"))   # (N, C, H, OW)
+                nodes.append(helper.make_node("MatMul", [const(f"{name}.A", bin_matrix(h, oh)), cols],
+                                              [out], name=name))           # (N, C, OH, OW)
+            shape = (c, oh, ow)
+        elif isinstance(layer, Flatten):
+            nodes.append(helper.make_node("Flatten", [x], [out], name=name, axis=1))
+            shape = (int(np.prod(shape)),)
+        elif isinstance(layer, Linear):
+            ins = [x, const(f"{name}.weight", layer.params["weight"])]
+            if "bias" in layer.params:
+                ins.append(const(f"{name}.bias", layer.params["bias"]))
+            nodes.append(helper.make_node("Gemm", ins, [out], name=name, transB=1))
+            shape = (int(layer.params["weight"].shape[0]),)
+        elif isinstance(layer, Dropout):
+            continue   # identity at inference
+        else:
+            raise ValueError(f"ONNX export: no mapping for layer '{name}' ({type(layer).__name__}); "
+                             "supported: Conv2d, BatchNorm2d, ReLU, MaxPool2d, AdaptiveAvgPool2d, "
+                             "Flatten, Linear, Dropout")
+        x = out
+    if len(shape) != 1:
+        raise ValueError(f"ONNX export: the model ends in a {shape} map, expected (N, K) logits")
+    K = shape[0]
+    nodes.append(helper.make_node("Identity", [x], ["logits"], name="logits"))
+    nodes.append(helper.make_node("Softmax", ["logits"], ["probabilities"], name="softmax", axis=1))
+    f32 = onnx.TensorProto.FLOAT
+    graph = helper.make_graph(
+        nodes, getattr(model, "arch", type(model).__name__), [helper.make_tensor_value_info("input", f32, ["N", C, H, W])],
+        [helper.make_tensor_value_info("logits", f32, ["N", K]),
+         helper.make_tensor_value_info("probabilities", f32, ["N", K])], initializer=inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="minivgg", doc_string=doc)
+    proto.ir_version = 8   # the IR of opset 17: readable by onnxruntime >= 1.14
+    if meta:
+        helper.set_model_props(proto, {k: json.dumps(v) for k, v in meta.items()})
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def export_onnx(model, path, input_shape, meta: dict | None = None, doc: str = "") -> Path:
+    """Write `model` (put in eval mode) as an ONNX file, atomically (temp file + os.replace)."""
+    model.eval()
+    data = build_graph(model, input_shape, meta, doc).SerializeToString()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def export_checkpoint(checkpoint, out) -> Path:
+    """A train_vgg11.py checkpoint (best.npz / last.npz) -> an ONNX file with its preprocessing."""
+    from .predictor import Predictor
+    pred = Predictor(checkpoint, device="cpu")
+    m = pred.meta
+    meta = {"image_size": m["image_size"], "channels": m["channels"], "mean": m["mean"], "std": m["std"],
+            "scale": 1 / 255, "class_names": m["classes"], "config": pred.config, "layout": "NCHW",
+            "preprocessing": "resize to image_size (bilinear), convert to channels (L or RGB), "
+                             "x = (pixel / 255 - mean) / std per channel, NCHW float32"}
+    doc = (f"minivgg {pred.config['arch']} exported from {Path(checkpoint).name}; input (N, {m['channels']}, "
+           f"{m['image_size'][0]}, {m['image_size'][1]}), see metadata_props for the preprocessing")
+    return export_onnx(pred.model, out, (m["channels"], *m["image_size"]), meta, doc)
