@@ -118,7 +118,7 @@ class Predictor(_Preprocessing):
         self.model = build_model(self.config)
         restore(ckpt, self.model)
         self.model.to(device).eval()
-        self.device = device
+        self.device, self.path = device, Path(path)
         self._set_preprocessing(self.meta["image_size"], self.meta["channels"], self.meta["mean"],
                                 self.meta["std"], self.meta["classes"])
         self._lock = threading.Lock()
@@ -150,6 +150,7 @@ class OnnxPredictor(_Preprocessing):
                              f"preprocessing; missing or unreadable {e})") from e
         self._set_preprocessing(meta["image_size"], meta["channels"], meta["mean"], meta["std"],
                                 meta["class_names"])
+        self.config = json.loads(props.get("config", "null"))
         self.input_name = self.session.get_inputs()[0].name
 
     def logits(self, x: np.ndarray) -> np.ndarray:
