@@ -1,6 +1,7 @@
 """Data for minivgg: Fashion-MNIST and image folders as uint8 arrays, augmentation, and a DataLoader.
 
-Datasets load once into memory as uint8 (N, C, H, W); the DataLoader turns them into
+Datasets load once into memory as uint8 (N, C, H, W), or stream from disk batch by batch
+(StreamingImageFolder, for folders larger than memory); the DataLoader turns them into
 shuffled, augmented, normalised float32 batches on the CPU or the GPU.
 """
 from . import transforms
@@ -10,11 +11,13 @@ from .folder import ImageFolder, load_image, prepare_images
 from .idx import read_idx, write_idx
 from .loader import DataLoader
 from .shard import ShardedLoader, shard_bounds
+from .stream import LazyImages, StreamingImageFolder, sample_mean_std
 from .transforms import (IMAGENET_MEAN, IMAGENET_STD, ColorJitter, Compose, Normalize, RandomCrop,
                          RandomHorizontalFlip, RandomRotation, compute_mean_std)
 
 __all__ = ["load_fashion_mnist", "find_fashion_mnist", "DatasetNotFoundError", "FASHION_MNIST_CLASSES",
            "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "prepare_images", "ImageFolder", "load_image",
-           "read_idx", "write_idx", "DataLoader", "ShardedLoader", "shard_bounds", "transforms", "Compose", "Normalize",
+           "read_idx", "write_idx", "DataLoader", "ShardedLoader", "shard_bounds", "StreamingImageFolder",
+           "LazyImages", "sample_mean_std", "transforms", "Compose", "Normalize",
            "RandomHorizontalFlip", "RandomCrop", "RandomRotation", "ColorJitter", "compute_mean_std",
            "IMAGENET_MEAN", "IMAGENET_STD"]

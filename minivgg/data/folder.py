@@ -139,6 +139,21 @@ def list_images(folder: Path) -> list[Path]:
     return found
 
 
+def find_classes(root: Path) -> tuple[list[str], list[list[Path]]]:
+    """The sorted class sub-folders of `root` and the sorted image files of each (also used by stream.py)."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist or is not a folder")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not _is_hidden(d.name))
+    if not classes:
+        raise ValueError(f"{root} has no class sub-folders: expected root/<class>/<image> "
+                         "(for example root/cat/1.jpg, root/dog/2.jpg)")
+    per_class = [list_images(root / c) for c in classes]
+    empty = [str(root / c) for c, files in zip(classes, per_class) if not files]
+    if empty:
+        raise ValueError(f"class folder(s) with no images ({', '.join(IMG_EXTENSIONS)}): " + ", ".join(empty))
+    return classes, per_class
+
+
 class ImageFolder:
     """A labelled image set on disk, one sub-folder per class (root/cat/1.jpg, root/dog/2.jpg).
 
@@ -165,18 +180,8 @@ class ImageFolder:
                              "must be resized to one size to be stacked into a batch")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder {self.root} does not exist or is not a folder")
-        self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not _is_hidden(d.name))
-        if not self.classes:
-            raise ValueError(f"{self.root} has no class sub-folders: expected root/<class>/<image> "
-                             "(for example root/cat/1.jpg, root/dog/2.jpg)")
+        self.classes, per_class = find_classes(self.root)
         self.class_to_idx = {c: k for k, c in enumerate(self.classes)}
-        per_class = [list_images(self.root / c) for c in self.classes]
-        empty = [str(self.root / c) for c, files in zip(self.classes, per_class) if not files]
-        if empty:
-            raise ValueError(f"class folder(s) with no images ({', '.join(IMG_EXTENSIONS)}): "
-                             + ", ".join(empty))
         self.samples = [(p, k) for k, files in enumerate(per_class) for p in files]
         is_val = self._split(per_class, val_fraction, seed, stratified)
         # Load train rows first, then val rows, into one array: the two parts are views, not copies.

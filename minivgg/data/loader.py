@@ -22,6 +22,7 @@ import threading
 import numpy as np
 
 from ..backend import parse_device, to_device
+from .stream import LazyImages
 from .transforms import Normalize
 
 _STOP_POLL_S = 0.1  # how often a blocked worker checks whether the consumer has left
@@ -152,10 +153,12 @@ def _prefetched(make, n_batches: int, depth: int):
 
 def _check_data(images, labels, num_classes):
     """Validate up front, so a bad dataset fails at construction with a clear message."""
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
+    if isinstance(images, LazyImages):   # a streamed folder: files decoded batch by batch
+        pass
+    elif not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
         raise TypeError("DataLoader expects images as a NumPy uint8 array (N, C, H, W), got "
                         f"{type(images).__name__} {getattr(images, 'dtype', '')} {getattr(images, 'shape', '')}"
-                        " (use prepare_images to get there)")
+                        " (use prepare_images to get there), or LazyImages from StreamingImageFolder")
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
         raise TypeError(f"DataLoader expects integer labels of shape (N,), got {labels.dtype} {labels.shape}")
