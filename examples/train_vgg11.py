@@ -37,6 +37,7 @@ DEFAULTS = {
     "val_size": 5000, "test_subset": None, "progress": True, "plots": True,
     "grad_flow": None,
     "distributed": False, "sync_bn": False,
+    "stream": False,
 }
 
 # Named recipes: each overrides DEFAULTS; flags given on the command line override both.
@@ -82,6 +83,9 @@ examples:
 
   # data-parallel on 2 processes (global batch 128 = 2 x 64), BatchNorm statistics over both
   mpirun -n 2 python examples/train_vgg11.py --distributed --sync-bn    # as root: mpirun --allow-run-as-root
+
+  # a folder larger than memory at 224x224: decoded batch by batch by worker threads
+  python examples/train_vgg11.py --dataset folder:photos --image-size 224 --stream --width-ratio 4
 
   # then classify images with the best checkpoint
   python examples/predict.py --checkpoint runs/vgg11_bn-fashion-mnist/best.npz shirt.jpg
@@ -187,6 +191,10 @@ def make_parser(suppress: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--data-dir", default=D("data_dir"), metavar="DIR",
                    help="folder holding the Fashion-MNIST .gz files (searched first; then $MINIVGG_DATA, "
                         "~/.cache/minivgg, /usr/share/datasets/fashion-mnist)")
+    g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=D("stream"),
+                   help="folder: datasets only: decode images batch by batch with worker threads instead of "
+                        "loading the folder into memory first (for folders larger than memory); the same batches, "
+                        "except that mean/std come from 2,000 sampled training images when there are more")
     g.add_argument("--download", action=argparse.BooleanOptionalAction, default=D("download"),
                    help="download Fashion-MNIST when it is not found")
     g.add_argument("--image-size", type=int, default=D("image_size"), metavar="S",
@@ -275,18 +283,24 @@ def check_args(args) -> None:
         raise UsageError(f"--data-dir {args.data_dir} does not exist or is not a folder")
     if args.dataset != "fashion-mnist" and not args.dataset.startswith("folder:"):
         raise UsageError(f"--dataset must be fashion-mnist or folder:PATH, got {args.dataset!r}")
+    if args.stream and not args.dataset.startswith("folder:"):
+        raise UsageError("--stream reads image folders only (--dataset folder:PATH); Fashion-MNIST fits in memory")
 
 
 # -- data ------------------------------------------------------------------------------------
 def load_data(args) -> dict:
     """uint8 (N, C, H, W) train / val / test arrays, class names and normalisation statistics."""
     from minivgg.data import (FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, ImageFolder,
-                              compute_mean_std, load_fashion_mnist, prepare_images)
+                              StreamingImageFolder, compute_mean_std, load_fashion_mnist, prepare_images,
+                              sample_mean_std)
     size = (args.image_size, args.image_size)
     if args.dataset.startswith("folder:"):
         root = args.dataset[len("folder:"):]
         channels = args.channels or 3
-        folder = ImageFolder(root, image_size=size, channels=channels, val_fraction=0.2, seed=args.seed)
+        if args.stream:   # decoded batch by batch: memory holds a few batches, not the folder
+            folder = StreamingImageFolder(root, image_size=size, channels=channels, val_fraction=0.2, seed=args.seed)
+        else:
+            folder = ImageFolder(root, image_size=size, channels=channels, val_fraction=0.2, seed=args.seed)
         if len(folder.val[0]) == 0:
             raise UsageError(f"{root}: too few images to hold any out for validation (need 5 or more per class)")
         train, val = folder.train, folder.val
@@ -294,7 +308,7 @@ def load_data(args) -> dict:
             train = (train[0][:args.train_subset], train[1][:args.train_subset])
         test = val if not args.test_subset else (val[0][:args.test_subset], val[1][:args.test_subset])
         names, test_name = list(folder.classes), "validation split"
-        mean, std = compute_mean_std(train[0])
+        mean, std = sample_mean_std(train[0], seed=args.seed) if args.stream else compute_mean_std(train[0])
     else:
         channels = args.channels or 1
         images, labels = load_fashion_mnist("train", args.data_dir, download=args.download)
