@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..data.folder import _check_channels, _chw, _resize, _size_hw, _to_mode, load_image
 
@@ -39,6 +39,9 @@ def decode_image(data: bytes, image_size, channels: int, max_pixels: int = MAX_P
             return _chw(_resize(_to_mode(img, channels), size_hw))
     except ValueError:
         raise
+    except UnidentifiedImageError:
+        raise ValueError(f"not an image: no image format (JPEG, PNG, GIF, BMP, TIFF, WebP ...) recognised "
+                         f"in the {len(data):,} bytes received") from None
     except Exception as e:   # PIL: UnidentifiedImageError, OSError (truncated), SyntaxError ...
         raise ValueError(f"cannot decode the image ({len(data):,} bytes): {type(e).__name__}: {e}") from e
 
