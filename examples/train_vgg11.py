@@ -61,7 +61,13 @@ RUN_OPTIONS = ("model", "bn", "init", "dataset", "data_dir", "image_size", "chan
                "head", "hidden", "pool_size", "dropout", "optimizer", "momentum", "weight_decay",
                "schedule", "warmup", "label_smoothing", "clip_norm", "augment", "crop_padding", "normalize", "seed",
                "batch_size", "accum_steps", "freeze_features", "train_subset", "val_size", "test_subset",
-               "lr", "out", "patience", "sync_bn")
+               "lr", "out", "patience", "sync_bn", "epochs")
+# Of those, the ones a resumed run cannot change: the weights, optimizer state, schedule and data split
+# in the checkpoint were made with them, so a different typed value is refused (not silently ignored).
+FIXED_ON_RESUME = ("model", "bn", "init", "dataset", "image_size", "channels", "width_ratio", "head", "hidden",
+                   "pool_size", "dropout", "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup",
+                   "normalize", "seed", "batch_size", "accum_steps", "freeze_features", "train_subset",
+                   "val_size")
 
 EPILOG = """\
 examples:
@@ -135,8 +141,9 @@ def make_parser(suppress: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--out", default=D("out"), metavar="DIR",
                    help="where checkpoints, history and plots go (default: runs/<model>-<dataset>)")
     g.add_argument("--resume", default=D("resume"), metavar="PATH",
-                   help="continue from a checkpoint (last.npz), bit-exactly on the CPU; the network and "
-                        "data options are read from it, --epochs is the new total")
+                   help="continue from a checkpoint (last.npz), bit-exactly on the CPU: every option the run "
+                        "was started with is read from it; a typed --epochs is the new total, and options "
+                        "the run cannot change (network, data split, optimizer, --lr ...) are refused")
     g.add_argument("--max-steps", type=int, default=D("max_steps"), metavar="N",
                    help="stop after N optimizer steps in total (smoke tests; a checkpoint is written)")
     g.add_argument("--patience", type=int, default=D("patience"), metavar="N",
@@ -248,15 +255,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     merged = dict(DEFAULTS)
     if args.preset:
         merged.update(PRESETS[args.preset])
+    chosen = set(given)
     if args.resume:
-        merged.update({k: v for k, v in saved_options(args.resume).items() if k in RUN_OPTIONS})
+        saved = saved_options(args.resume)
+        if "init_from" in given:
+            raise UsageError("--init-from cannot be used with --resume: the checkpoint holds every weight")
+        for k in FIXED_ON_RESUME:
+            if k in given and k in saved and _same(k, given[k]) != _same(k, saved[k]):
+                raise UsageError(f"--{k.replace('_', '-')} {given[k]!r} cannot change on --resume: the run was "
+                                 f"started with {saved[k]!r} (start a new run with --out to change it)")
+        merged.update({k: v for k, v in saved.items() if k in RUN_OPTIONS})
+        if "given" in saved:   # saved by this version: its options are the values the run used
+            chosen |= {k for k in saved if k in RUN_OPTIONS}
     merged.update(given)
     merged["preset"] = args.preset
-    merged["given"] = sorted(given)          # which options the user typed (not saved as options)
-    if isinstance(merged["hidden"], str):
-        merged["hidden"] = hidden_widths(merged["hidden"])
-    merged["hidden"] = tuple(merged["hidden"])
+    merged["given"] = sorted(chosen)         # options typed, or recorded by the resumed run
+    merged["hidden"] = _same("hidden", merged["hidden"])
     return argparse.Namespace(**merged)
+
+
+def _same(key, value):
+    """An option's value in one form, whether typed or read back from a checkpoint's JSON."""
+    if key == "hidden":
+        return tuple(hidden_widths(value) if isinstance(value, str) else value)
+    return tuple(value) if isinstance(value, list) else value
 
 
 def saved_options(path) -> dict:
@@ -316,6 +338,7 @@ def load_data(args) -> dict:
         val_size = args.val_size
         if args.train_subset and "val_size" not in args.given:
             val_size = min(val_size, max(args.train_subset // 10, 1)) if val_size else 0
+        args.val_size = val_size   # recorded as used, so a resumed run splits the same way
         val_idx, train_idx = order[:val_size], order[val_size:]
         if args.train_subset:
             train_idx = train_idx[:args.train_subset]
@@ -459,8 +482,7 @@ def run(args) -> int:
         join_model(args, dist, model, data, train_loader)
     print(summary(model, (1, C, S, S), batch_size=args.batch_size))
     opt, sched = make_optimizer(args, model, max(1, len(train_loader) // args.accum_steps))
-    extra = {"args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
-                      if k != "given"},
+    extra = {"args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
              "image_size": [S, S], "channels": C,
              "normalize": {"mean": list(data["mean"]), "std": list(data["std"])}}
     trainer = Trainer(model, opt, train_loader, val_loader=val_loader,
