@@ -96,7 +96,8 @@ examples:
   # then classify images with the best checkpoint
   python examples/predict.py --checkpoint runs/vgg11_bn-fashion-mnist/best.npz shirt.jpg
 
-exit status: 0 done, 2 bad input (options, data, checkpoint), 3 non-finite loss, 130 interrupted.
+exit status: 0 done, 2 bad input (options, data, checkpoint), 3 non-finite loss, 4 a file could not be
+written or read (the files already there are intact), 130 interrupted.
 """
 
 
@@ -309,6 +310,19 @@ def check_args(args) -> None:
         raise UsageError("--stream reads image folders only (--dataset folder:PATH); Fashion-MNIST fits in memory")
 
 
+def check_out(out: Path) -> None:
+    """Refuse an --out that cannot be written before the data loads (a file, no permission, ...)."""
+    import tempfile
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+
+
 # -- data ------------------------------------------------------------------------------------
 def load_data(args) -> dict:
     """uint8 (N, C, H, W) train / val / test arrays, class names and normalisation statistics."""
@@ -456,6 +470,7 @@ def run(args) -> int:
     from minivgg.losses import SoftmaxCrossEntropy
     from minivgg.models import draw_architecture, summary
     from minivgg.train import NonFiniteLossError, Trainer, evaluate, freeze_features, load_checkpoint
+    from minivgg.train.files import atomic_write_text
     from minivgg.train.plots import GradFlowRecorder, plot_confusion
 
     check_args(args)
@@ -466,6 +481,7 @@ def run(args) -> int:
     backend.get_xp(args.device)   # a missing GPU fails here, with what to install
     out = Path(args.out or f"runs/{args.model}{'_bn' if args.bn else ''}-{args.dataset.replace(':', '-').replace('/', '_')}")
     args.out = str(out)
+    check_out(out)
     t0 = time.perf_counter()
     data = load_data(args)
     train_loader, val_loader, test_loader = make_loaders(args, data, dist)
@@ -526,9 +542,9 @@ def run(args) -> int:
             return 0
     plot_confusion(ev["confusion"], data["classes"], out / "test_confusion.png",
                    title=f"{data['test_name']}, {which}")
-    (out / "test.json").write_text(json.dumps({"top1": ev["top1"], "top5": ev["top5"], "loss": ev["loss"],
-                                               "n": ev["n"], "weights": which,
-                                               "confusion": ev["confusion"].tolist()}, indent=1))
+    atomic_write_text(out / "test.json", json.dumps({"top1": ev["top1"], "top5": ev["top5"], "loss": ev["loss"],
+                                                     "n": ev["n"], "weights": which,
+                                                     "confusion": ev["confusion"].tolist()}, indent=1))
     print(f"{data['test_name']} accuracy: top-1 {ev['top1']:.4f}, top-5 {ev['top5']:.4f} "
           f"({ev['n']:,} images, {which})")
     print("per class: " + ", ".join(f"{name} {acc:.2f}" for name, acc in zip(data["classes"], ev["per_class"])
@@ -558,6 +574,11 @@ def main(argv=None) -> int:
             first += " Pass --data-dir DIR with the four .gz files, or see minivgg/data/fashion_mnist.py."
         print(f"error: {first}", file=sys.stderr)
         return 2
+    except OSError as e:   # a write failed (disk full, permission, a folder in the way): the old files stand
+        if os.environ.get("MINIVGG_DEBUG"):
+            raise
+        print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
+        return 4
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -46,3 +46,23 @@ def test_resume_refuses_an_option_it_cannot_change_by_name(tmp_path, flag, value
     assert len(lines) == 1 and f"{flag} " in lines[0] and "cannot change on --resume" in lines[0], r.stderr
     r = cli(TRAIN, "--resume", out / "last.npz", "--lr", "1e-3", "--max-steps", "3", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]   # the value the run was started with is fine
+
+
+def test_out_that_is_a_file_is_refused_before_the_data_loads(tmp_path):
+    (tmp_path / "taken").write_text("a file")
+    r = cli(TRAIN, *TINY, "--data-dir", tmp_path, "--out", tmp_path / "taken", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()   # (--data-dir holds no data: the check came first)
+    assert len(lines) == 1 and "--out" in lines[0] and "taken is a file" in lines[0], r.stderr
+
+
+@needs_fmnist
+def test_a_failed_write_is_one_line_naming_the_file_and_the_checkpoint_stands(tmp_path):
+    out = tmp_path / "run"
+    (out / "history.json").mkdir(parents=True)   # something in the way of the first history write
+    r = cli(TRAIN, *RUN, "--max-steps", "6", "--out", out, cwd=tmp_path)
+    assert r.returncode == 4 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and str(out / "history.json") in lines[-1], r.stderr
+    assert not any(p.name.endswith(".tmp") for p in out.iterdir())
+    np.load(out / "last.npz", allow_pickle=False).close()   # written before, and whole

@@ -7,6 +7,7 @@ side and its width the channel count, so the pyramid of a VGG is visible.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from ..layers import Layer
 from .registry import describe
@@ -167,5 +168,6 @@ def draw_architecture(model: Layer, input_shape, path, title: str | None = None,
     ax.legend(handles, [t for _, t in legend], loc="lower center", ncol=len(legend), frameon=False,
               fontsize=9, bbox_to_anchor=(0.5, -0.02), handlelength=1.2)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    from ..train.files import atomic_write
+    atomic_write(path, lambda f: fig.savefig(f, format=Path(path).suffix[1:] or "png", dpi=dpi))
     return str(path)

@@ -19,20 +19,20 @@ and nothing in the file can run code):
 
 Writing: the archive goes to a temporary file in the target's directory, is flushed and
 fsync'ed, then os.replace'd over the target. A crash at any moment leaves either the old
-checkpoint or the new one, never half of one, and no temporary file behind.
+checkpoint or the new one, never half of one; a temporary file a kill leaves is removed at the
+next start in that folder (files.remove_stale_temps).
 """
 from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .. import backend
 from ..layers.base import state_dict_mismatch
+from .files import atomic_write
 
 FORMAT = "minivgg-checkpoint"
 FORMAT_VERSION = 1
@@ -100,39 +100,9 @@ def checkpoint_arrays(model, optimizer=None, scheduler=None, epoch=0, global_ste
     return arrays
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def atomic_savez(path, arrays: dict) -> Path:
-    """np.savez into a temp file beside `path`, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:   # KeyboardInterrupt too: never leave the temp file behind
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable (POSIX); harmless where directories can't be opened
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-    return path
+    """np.savez into a temp file beside `path`, fsync, then rename over `path` (see files.atomic_write)."""
+    return atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def save_checkpoint(path, model, optimizer=None, scheduler=None, epoch=0, extra=None, *,

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import atomic_write
+
 
 def _figure(width, height):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -20,9 +22,8 @@ def _figure(width, height):
 
 def _save(fig, path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    return path
+    return atomic_write(path, lambda f: fig.savefig(f, format=path.suffix[1:] or "png", dpi=100,
+                                                    bbox_inches="tight"))
 
 
 def _series(history, key):

@@ -14,6 +14,7 @@ batches, the same augmentation and the same dropout masks as one that never stop
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import sys
@@ -27,6 +28,7 @@ from .. import backend
 from ..losses import SoftmaxCrossEntropy
 from . import plots
 from .checkpoint import atomic_savez, checkpoint_arrays, load_checkpoint
+from .files import atomic_write_text, remove_stale_temps
 from .metrics import evaluate
 
 
@@ -349,6 +351,8 @@ class Trainer:
         if resume is not None:
             self.resume(resume)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.writes:
+            remove_stale_temps(self.out_dir)   # what a kill during a write left behind
         self.stop_reason = "completed"
         while self.epoch < epochs:
             e = self.epoch
@@ -402,18 +406,18 @@ class Trainer:
     def write_history(self) -> None:
         """history.json (everything), history.csv (the scalar columns), eval.json (last eval)."""
         out = self.out_dir
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "history.json").write_text(json.dumps(self.history, indent=1))
+        atomic_write_text(out / "history.json", json.dumps(self.history, indent=1))
         cols = []
         for row in self.history:
             cols += [k for k, v in row.items() if not isinstance(v, (list, dict)) and k not in cols]
-        with open(out / "history.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(self.history)
+        table = io.StringIO(newline="")
+        w = csv.DictWriter(table, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(self.history)
+        atomic_write_text(out / "history.csv", table.getvalue())
         if self.last_eval is not None:
             ev = self.last_eval
-            (out / "eval.json").write_text(json.dumps({
+            atomic_write_text(out / "eval.json", json.dumps({
                 "epoch": self.epoch, "loss": ev["loss"], "top1": ev["top1"], "top5": ev["top5"],
                 "class_names": self.class_names,
                 "per_class": [None if math.isnan(a) else float(a) for a in ev["per_class"]],
