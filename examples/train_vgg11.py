@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -300,8 +301,12 @@ def check_args(args) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.val_size < 0:
         raise UsageError(f"--val-size must be >= 0, got {args.val_size}")
-    if args.lr <= 0:
-        raise UsageError(f"--lr must be > 0, got {args.lr}")
+    if not math.isfinite(args.lr) or args.lr <= 0:
+        raise UsageError(f"--lr must be a finite number > 0, got {args.lr}")
+    for name in ("momentum", "weight_decay", "warmup", "label_smoothing", "dropout", "clip_norm"):
+        value = getattr(args, name)
+        if value is not None and (not math.isfinite(value) or value < 0):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         raise UsageError(f"--data-dir {args.data_dir} does not exist or is not a folder")
     if args.dataset != "fashion-mnist" and not args.dataset.startswith("folder:"):

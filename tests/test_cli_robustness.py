@@ -1,4 +1,6 @@
 """Issue 14 on the command line: a resumed run is the same run, and mistakes are named, not silent."""
+import re
+
 import numpy as np
 import pytest
 
@@ -66,3 +68,17 @@ def test_a_failed_write_is_one_line_naming_the_file_and_the_checkpoint_stands(tm
     assert lines[-1].startswith("error: ") and str(out / "history.json") in lines[-1], r.stderr
     assert not any(p.name.endswith(".tmp") for p in out.iterdir())
     np.load(out / "last.npz", allow_pickle=False).close()   # written before, and whole
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lr", "inf"], r"--lr must be a finite number > 0, got inf"),
+    (["--lr", "nan"], r"--lr must be a finite number > 0, got nan"),
+    (["--lr", "-0.1"], r"--lr must be a finite number > 0, got -0.1"),
+    (["--momentum", "nan"], r"--momentum must be a finite number >= 0"),
+])
+def test_bad_flags_are_refused_by_name(tmp_path, args, message):
+    r = cli(TRAIN, *TINY, "--train-subset", "16", "--max-steps", "1", "--no-plots", *args, "--out", tmp_path / "run",
+            cwd=tmp_path)   # (bounded, should a flag slip through)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(message, lines[0]), r.stderr

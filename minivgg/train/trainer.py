@@ -33,16 +33,24 @@ from .metrics import evaluate
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training hit a NaN or infinite loss (or gradient norm); nothing was saved after it."""
+    """Training hit a NaN or infinite loss (or gradient norm, or validation score), or a training loss
+    that exploded past Trainer's explode_factor bound; nothing was saved after it.
 
-    def __init__(self, what, value, epoch, step, batch, checkpoint):
+    `kept` says what is on disk (the Trainer knows which checkpoint it wrote or resumed from), `advice`
+    what to change; batch None means the value came from the validation after `epoch`.
+    """
+
+    def __init__(self, what, value, epoch, step, batch, checkpoint, kept=None, advice=None, kind="non-finite",
+                 why=""):
         self.what, self.value, self.epoch, self.step, self.batch = what, value, epoch, step, batch
         self.checkpoint = checkpoint
-        kept = (f"the last good checkpoint {checkpoint} is untouched" if checkpoint and Path(checkpoint).exists()
-                else "no checkpoint had been written yet")
-        super().__init__(f"non-finite {what} ({value}) at epoch {epoch}, step {step} (batch {batch} of "
-                         f"the epoch): training stopped; {kept}. Try a lower --lr, --clip-norm, or "
-                         "BatchNorm (--bn)")
+        if kept is None:
+            kept = (f"the last good checkpoint {checkpoint} is untouched" if checkpoint and Path(checkpoint).exists()
+                    else "no checkpoint had been written yet")
+        where = (f"at epoch {epoch}, step {step} (batch {batch} of the epoch)" if batch is not None
+                 else f"in the validation after epoch {epoch} (step {step})")
+        super().__init__(f"{kind} {what} ({value}){why} {where}: training stopped; {kept}. "
+                         f"Try {advice or 'a lower --lr, --clip-norm, or BatchNorm (--bn)'}")
 
 
 def freeze_features(model, frozen: bool = True):
@@ -93,6 +101,9 @@ class Trainer:
                   returns None (no saliency maps from that model until you set it back)
     clip_norm     clip the global gradient norm to this value before each step
     patience      stop after this many epochs without a better validation top-1
+    explode_factor  stop (NonFiniteLossError) when a training loss exceeds explode_factor x
+                  max(the run's first loss, 1): a loss that grows 10,000-fold has diverged even while
+                  finite (None: only NaN / inf stop the run). A non-finite validation loss stops it too.
     max_steps     stop after this many optimizer steps in total (checkpoint written)
     extra         JSON-able dict stored in checkpoints (normalisation, image size ...)
     plots         draw the PNGs after every epoch (keep_examples images per grid)
@@ -114,7 +125,8 @@ class Trainer:
     def __init__(self, model, optimizer, train_loader, val_loader=None, loss_fn=None, scheduler=None,
                  out_dir="runs/x", accum_steps=1, clip_norm=None, patience=None, class_names=None,
                  device="cpu", max_steps=None, extra=None, plots=True, progress=True,
-                 keep_examples=32, checkpoints=True, skip_input_grad=False, distributed=None):
+                 keep_examples=32, checkpoints=True, skip_input_grad=False, distributed=None,
+                 explode_factor=1e4):
         if int(accum_steps) < 1:
             raise ValueError(f"Trainer: accum_steps must be >= 1, got {accum_steps}")
         if patience is not None and int(patience) < 1:
@@ -135,6 +147,9 @@ class Trainer:
         self.checkpoints = checkpoints
         self.distributed = distributed
         self.writes = distributed is None or distributed.is_root   # rank 0 alone writes files
+        self.explode_factor = explode_factor
+        self.first_loss = None         # the run's first training loss: the explosion bound's scale
+        self.good = None               # (path, epoch) of the last checkpoint this run wrote or resumed from
         # where the run stands; all of it goes into checkpoints
         self.epoch = 0                 # completed epochs
         self.global_step = 0           # optimizer steps taken
@@ -165,7 +180,8 @@ class Trainer:
         extra["class_names"] = self.class_names
         partial = self.distributed.reduce_partial(self.partial) if self.distributed else self.partial
         extra["trainer"] = {"batch_in_epoch": self.batch_in_epoch, "partial": partial,
-                            "bad_epochs": self.bad_epochs, "accum_steps": self.accum_steps}
+                            "bad_epochs": self.bad_epochs, "accum_steps": self.accum_steps,
+                            "first_loss": self.first_loss}
         return checkpoint_arrays(self.model, self.optimizer, self.scheduler, epoch=self.epoch,
                                  global_step=self.global_step, best_metric=self.best_metric,
                                  history=self.history, extra=extra)
@@ -173,7 +189,11 @@ class Trainer:
     def save(self, path=None) -> Path:
         """Write the whole run state (atomically) to `path`, default out_dir/last.npz."""
         arrays = self._arrays()
-        return atomic_savez(path or self.last_path, arrays) if self.writes else Path(path or self.last_path)
+        path = Path(path or self.last_path)
+        if self.writes:
+            atomic_savez(path, arrays)
+        self.good = (path, self.epoch)
+        return path
 
     def resume(self, path) -> dict:
         """Restore model, optimizer, schedule, RNG and progress from a checkpoint."""
@@ -186,6 +206,8 @@ class Trainer:
         if self.distributed and not self.distributed.is_root:
             self.partial = self._fresh_partial()   # the saved sums are all ranks' together: rank 0 carries them
         self.bad_epochs = int(state.get("bad_epochs", 0))
+        self.first_loss = state.get("first_loss")
+        self.good = (Path(path), self.epoch)
         if self.class_names is None and ckpt["extra"].get("class_names"):
             self.class_names = ckpt["extra"]["class_names"]
         if self.batch_in_epoch % self.accum_steps:
@@ -195,10 +217,38 @@ class Trainer:
         return ckpt
 
     # -- one optimizer step ------------------------------------------------------------------
+    def _stop(self, what, value, batch, kind="non-finite", why=""):
+        """The NonFiniteLossError for this run: what is really on disk, advice that fits it."""
+        if not self.checkpoints:
+            kept = "checkpoints are off, so nothing was saved"
+        elif self.good is not None:
+            kept = f"the last good checkpoint {self.good[0]} is untouched (epoch {self.good[1]})"
+        else:
+            kept = "no checkpoint of this run had been written yet" + (
+                f" ({self.last_path} is from an earlier run)" if self.last_path.exists() else "")
+        advice = [f"a lower --lr (the step's lr was {self._lr():.3g})"]
+        if self.clip_norm is None:
+            advice.append("--clip-norm")
+        if not any("BatchNorm" in type(m).__name__ for _, m in self.model.modules()):
+            advice.append("BatchNorm (--bn)")
+        step = self.global_step + 1 if batch is not None else self.global_step   # validation: after the step
+        return NonFiniteLossError(what, value, epoch=self.epoch + 1, step=step, batch=batch,
+                                  checkpoint=self.good[0] if self.good else None, kept=kept,
+                                  advice=", ".join(advice[:-1]) + " or " + advice[-1] if len(advice) > 1
+                                  else advice[0], kind=kind, why=why)
+
     def _check_finite(self, what, value, batch):
         if not math.isfinite(value):
-            raise NonFiniteLossError(what, value, epoch=self.epoch + 1, step=self.global_step + 1,
-                                     batch=batch, checkpoint=self.last_path if self.checkpoints else None)
+            raise self._stop(what, value, batch)
+
+    def _check_loss(self, loss, batch):
+        """Non-finite, or past explode_factor x the run's first loss: the run has diverged."""
+        self._check_finite("loss", loss, batch)
+        if self.first_loss is None:
+            self.first_loss = loss
+        elif self.explode_factor is not None and loss > self.explode_factor * max(self.first_loss, 1.0):
+            raise self._stop("loss", loss, batch, kind="exploding",
+                             why=f", over {self.explode_factor:g} x the run's first loss {self.first_loss:.4g},")
 
     def _micro_batch(self, x, y):
         """Forward + backward on one micro-batch; returns (loss, correct count), both 0-d on x's device.
@@ -225,7 +275,7 @@ class Trainer:
         values = backend.to_numpy(xp.stack(parts))                     # one copy to the host
         if not math.isfinite(values[0]) and hasattr(self.loss_fn, "check_labels"):
             self.loss_fn.check_labels(y, self.loss_fn.cache[0].shape[1])
-        self._check_finite("loss", float(values[0]), batch)
+        self._check_loss(float(values[0]), batch)
         if norm is not None:
             self._check_finite("gradient norm", float(values[2]), batch)
         return float(values[0]), int(values[1])
@@ -346,7 +396,8 @@ class Trainer:
         """Train until `epochs` epochs are complete in total (a resumed run counts the old ones).
 
         Returns the history. Sets .stop_reason to 'completed', 'early_stopping' or 'max_steps'.
-        Raises NonFiniteLossError on a NaN/inf loss, leaving the last checkpoint as it was.
+        Raises NonFiniteLossError on a NaN/inf loss or validation score, or an exploding loss
+        (see explode_factor), leaving the last checkpoint as it was.
         """
         if resume is not None:
             self.resume(resume)
@@ -362,6 +413,9 @@ class Trainer:
                     self.save()
                 break
             row = self._end_epoch(e)
+            for key in ("val_loss", "val_top1"):   # diverged weights must not become last.npz / best.npz
+                if key in row and not math.isfinite(row[key]):
+                    raise self._stop(f"validation {key[4:]}", row[key], None)
             if self.scheduler is not None:
                 self.scheduler.step()
             self.history.append(row)
@@ -378,6 +432,7 @@ class Trainer:
                     atomic_savez(self.last_path, arrays)
                     if improved:
                         atomic_savez(self.best_path, arrays)
+                self.good = (self.last_path, self.epoch)
             if self.writes:
                 self.write_history()
             if self.plots and self.writes:
