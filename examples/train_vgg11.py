@@ -36,7 +36,7 @@ DEFAULTS = {
     "augment": True, "crop_padding": 0, "normalize": True, "seed": 0, "out": None, "resume": None, "init_from": None,
     "freeze_features": False, "patience": None, "max_steps": None, "train_subset": None,
     "val_size": 5000, "test_subset": None, "progress": True, "plots": True,
-    "grad_flow": None,
+    "grad_flow": None, "skip_bad_images": False,
     "distributed": False, "sync_bn": False,
     "stream": False,
 }
@@ -62,7 +62,7 @@ RUN_OPTIONS = ("model", "bn", "init", "dataset", "data_dir", "image_size", "chan
                "head", "hidden", "pool_size", "dropout", "optimizer", "momentum", "weight_decay",
                "schedule", "warmup", "label_smoothing", "clip_norm", "augment", "crop_padding", "normalize", "seed",
                "batch_size", "accum_steps", "freeze_features", "train_subset", "val_size", "test_subset",
-               "lr", "out", "patience", "sync_bn", "epochs")
+               "lr", "out", "patience", "sync_bn", "epochs", "skip_bad_images")
 # Of those, the ones a resumed run cannot change: the weights, optimizer state, schedule and data split
 # in the checkpoint were made with them, so a different typed value is refused (not silently ignored).
 FIXED_ON_RESUME = ("model", "bn", "init", "dataset", "image_size", "channels", "width_ratio", "head", "hidden",
@@ -213,8 +213,11 @@ def make_parser(suppress: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=D("augment"),
                    help="random horizontal flips and random crops of the training images")
     g.add_argument("--crop-padding", type=int, default=D("crop_padding"), metavar="P",
-                   help="with --augment: pad by P pixels, then crop back at random "
-                        "(default S/8; 0 = flips only)")
+                   help="with --augment: pad by P pixels, then crop back at random (0 = flips only; "
+                        "S/8, e.g. 4 at 32x32, is the usual choice)")
+    g.add_argument("--skip-bad-images", action=argparse.BooleanOptionalAction, default=D("skip_bad_images"),
+                   help="with --dataset folder:PATH, leave out images that cannot be read (each is named in a "
+                        "warning) instead of stopping")
     g.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=D("normalize"),
                    help="subtract the training set's mean and divide by its std, per channel")
     g.add_argument("--train-subset", type=int, default=D("train_subset"), metavar="N",
@@ -299,8 +302,9 @@ def check_args(args) -> None:
     for name in ("max_steps", "train_subset", "test_subset", "patience"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.val_size < 0:
-        raise UsageError(f"--val-size must be >= 0, got {args.val_size}")
+    for name in ("val_size", "seed", "crop_padding"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not math.isfinite(args.lr) or args.lr <= 0:
         raise UsageError(f"--lr must be a finite number > 0, got {args.lr}")
     for name in ("momentum", "weight_decay", "warmup", "label_smoothing", "dropout", "clip_norm"):
@@ -313,6 +317,8 @@ def check_args(args) -> None:
         raise UsageError(f"--dataset must be fashion-mnist or folder:PATH, got {args.dataset!r}")
     if args.stream and not args.dataset.startswith("folder:"):
         raise UsageError("--stream reads image folders only (--dataset folder:PATH); Fashion-MNIST fits in memory")
+    if args.dataset.startswith("folder:") and not args.dataset[len("folder:"):].strip():
+        raise UsageError("--dataset folder: needs the folder's path after the colon, e.g. folder:photos")
 
 
 def check_out(out: Path) -> None:
@@ -331,17 +337,30 @@ def check_out(out: Path) -> None:
 # -- data ------------------------------------------------------------------------------------
 def load_data(args) -> dict:
     """uint8 (N, C, H, W) train / val / test arrays, class names and normalisation statistics."""
+    import warnings
     from minivgg.data import (FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, ImageFolder,
                               StreamingImageFolder, compute_mean_std, load_fashion_mnist, prepare_images,
                               sample_mean_std)
+    from minivgg.data.folder import UnreadableImagesError
     size = (args.image_size, args.image_size)
     if args.dataset.startswith("folder:"):
         root = args.dataset[len("folder:"):]
         channels = args.channels or 3
-        if args.stream:   # decoded batch by batch: memory holds a few batches, not the folder
-            folder = StreamingImageFolder(root, image_size=size, channels=channels, val_fraction=0.2, seed=args.seed)
-        else:
-            folder = ImageFolder(root, image_size=size, channels=channels, val_fraction=0.2, seed=args.seed)
+        try:
+            with warnings.catch_warnings():   # the skipped images are named below, once
+                warnings.simplefilter("ignore")
+                if args.stream:   # decoded batch by batch: memory holds a few batches, not the folder
+                    folder = StreamingImageFolder(root, image_size=size, channels=channels, val_fraction=0.2,
+                                                  seed=args.seed)
+                else:
+                    folder = ImageFolder(root, image_size=size, channels=channels, val_fraction=0.2, seed=args.seed,
+                                         skip_bad=args.skip_bad_images)
+        except UnreadableImagesError as e:
+            raise UsageError(f"{len(e.skipped)} unreadable image(s) in {root} (--skip-bad-images leaves them "
+                             "out): " + "; ".join(f"{p} ({why})" for p, why in e.skipped)) from None
+        if getattr(folder, "skipped", None):
+            print(f"warning: --skip-bad-images left out {len(folder.skipped)} unreadable image(s): "
+                  + ", ".join(str(p) for p, _ in folder.skipped), file=sys.stderr)
         if len(folder.val[0]) == 0:
             raise UsageError(f"{root}: too few images to hold any out for validation (need 5 or more per class)")
         train, val = folder.train, folder.val
@@ -350,11 +369,18 @@ def load_data(args) -> dict:
         test = val if not args.test_subset else (val[0][:args.test_subset], val[1][:args.test_subset])
         names, test_name = list(folder.classes), "validation split"
         mean, std = sample_mean_std(train[0], seed=args.seed) if args.stream else compute_mean_std(train[0])
+        flat = [c for c in range(channels) if std[c] == 0]
+        if flat and args.normalize:
+            raise UsageError(f"channel(s) {flat} of the training images are constant (std 0): normalising "
+                             "would divide by zero; pass --no-normalize")
     else:
         channels = args.channels or 1
         images, labels = load_fashion_mnist("train", args.data_dir, download=args.download)
         order = np.random.default_rng(args.seed).permutation(len(images))   # the validation split
         val_size = args.val_size
+        if val_size >= len(images):
+            raise UsageError(f"--val-size {val_size} leaves no training images: the training set has "
+                             f"{len(images):,}")
         if args.train_subset and "val_size" not in args.given:
             val_size = min(val_size, max(args.train_subset // 10, 1)) if val_size else 0
         args.val_size = val_size   # recorded as used, so a resumed run splits the same way
@@ -545,8 +571,9 @@ def run(args) -> int:
         ev = dist.reduce_evaluation(ev)   # each rank scored its part of the test set
         if not dist.is_root:
             return 0
-    plot_confusion(ev["confusion"], data["classes"], out / "test_confusion.png",
-                   title=f"{data['test_name']}, {which}")
+    if args.plots:
+        plot_confusion(ev["confusion"], data["classes"], out / "test_confusion.png",
+                       title=f"{data['test_name']}, {which}")
     atomic_write_text(out / "test.json", json.dumps({"top1": ev["top1"], "top5": ev["top5"], "loss": ev["loss"],
                                                      "n": ev["n"], "weights": which,
                                                      "confusion": ev["confusion"].tolist()}, indent=1))
@@ -555,7 +582,8 @@ def run(args) -> int:
     print("per class: " + ", ".join(f"{name} {acc:.2f}" for name, acc in zip(data["classes"], ev["per_class"])
                                     if acc == acc))   # (acc != acc: NaN, a class absent from the test images)
     pngs = [p.name for p in sorted(out.glob("*.png"))]
-    print(f"plots: {out}/ {', '.join(pngs)}")
+    if pngs:
+        print(f"plots: {out}/ {', '.join(pngs)}")
     print(f"checkpoints: {trainer.last_path}" + (f", {trainer.best_path}" if trainer.best_path.exists() else ""))
     print(f"history: {out / 'history.json'}, {out / 'history.csv'}")
     print(f"predict: python examples/predict.py --checkpoint {trainer.best_path if trainer.best_path.exists() else trainer.last_path} IMAGE...")

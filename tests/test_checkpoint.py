@@ -165,3 +165,25 @@ def test_optimizer_of_another_kind_is_refused(saved):
     net = small_net()
     with pytest.raises(CheckpointError, match="optimizer state does not fit SGD"):
         load_checkpoint(saved, net, SGD(net, lr=0.1))
+
+
+@pytest.mark.parametrize("key, value", [
+    ("epoch", np.array("three")), ("global_step", np.arange(2)), ("best_metric", np.array("best")),
+    ("format_version", np.array("1")), ("model/0.weight", np.array("weights")),
+])
+def test_an_entry_of_the_wrong_kind_is_refused_with_its_key(tmp_path, key, value):
+    arrays = checkpoint_arrays(small_net())
+    assert key in arrays
+    arrays[key] = value
+    path = atomic_savez(tmp_path / "odd.npz", arrays)
+    with pytest.raises(CheckpointError, match=rf"odd\.npz: key '{key}' should hold"):
+        load_checkpoint(path)
+
+
+def test_a_directory_is_named_as_one(tmp_path, saved):
+    with pytest.raises(CheckpointError, match=r"is a directory, not a checkpoint file"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "run").mkdir()
+    saved.rename(tmp_path / "run" / "last.npz")
+    with pytest.raises(CheckpointError, match=r"run is a directory.*did you mean .*run/last\.npz"):
+        load_checkpoint(tmp_path / "run")

@@ -2,6 +2,7 @@
 import re
 
 import numpy as np
+from PIL import Image
 import pytest
 
 from test_cli import FMNIST, TINY, TRAIN, cli
@@ -82,3 +83,80 @@ def test_bad_flags_are_refused_by_name(tmp_path, args, message):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and re.search(message, lines[0]), r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "folder:"], r"--dataset folder: needs the folder's path"),
+    (["--seed", "-1"], r"--seed must be >= 0, got -1"),
+    (["--crop-padding", "-1"], r"--crop-padding must be >= 0, got -1"),
+    pytest.param(["--val-size", "60000"], r"--val-size 60000 leaves no training images: the training set has "
+                 r"60,000", marks=needs_fmnist),
+])
+def test_bad_data_flags_are_refused_by_name(tmp_path, args, message):
+    test_bad_flags_are_refused_by_name(tmp_path, args, message)
+
+
+def image_tree(root, classes, n=5, seed=0):
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (36, 36, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+
+
+def test_one_class_folder_says_the_classes_may_be_one_level_down(tmp_path):
+    image_tree(tmp_path / "photos" / "train", ["cat", "dog"])
+    r = cli(TRAIN, *TINY, "--dataset", f"folder:{tmp_path / 'photos'}", "--out", tmp_path / "run", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert "one class sub-folder (train)" in line and f"try {tmp_path / 'photos' / 'train'}" in line, r.stderr
+
+
+def test_unreadable_images_are_all_named_and_can_be_skipped(tmp_path):
+    root = tmp_path / "photos"
+    image_tree(root, ["cat", "dog"], n=6)
+    bad = [root / "cat" / "broken.png", root / "dog" / "empty.jpg"]
+    bad[0].write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    bad[1].write_bytes(b"")
+    run = [*TINY, "--dataset", f"folder:{root}", "--epochs", "1", "--max-steps", "1", "--no-plots",
+           "--out", tmp_path / "run"]
+    r = cli(TRAIN, *run, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "2 unreadable image(s)" in lines[0] and "--skip-bad-images" in lines[0], r.stderr
+    assert all(str(p) in lines[0] for p in bad), r.stderr
+    r = cli(TRAIN, *run, "--skip-bad-images", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    warning = [line for line in r.stderr.splitlines() if line.startswith("warning: --skip-bad-images")]
+    assert len(warning) == 1 and all(str(p) in warning[0] for p in bad), r.stderr
+    assert "UserWarning" not in r.stderr
+    assert not list((tmp_path / "run").glob("*.png"))   # --no-plots: not even the test confusion matrix
+    assert "plots:" not in r.stdout
+
+
+def test_a_constant_channel_suggests_no_normalize(tmp_path):
+    root = tmp_path / "photos"
+    for c in ("black", "also_black"):
+        (root / c).mkdir(parents=True)
+        for i in range(5):
+            Image.new("RGB", (36, 36)).save(root / c / f"{i}.png")
+    r = cli(TRAIN, *TINY, "--dataset", f"folder:{root}", "--out", tmp_path / "run", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "constant" in r.stderr and "--no-normalize" in r.stderr.strip().splitlines()[-1], r.stderr
+
+
+def test_a_directory_given_as_checkpoint_says_it_is_a_directory(tmp_path):
+    from test_cli import PREDICT
+    (tmp_path / "run").mkdir()
+    r = cli(TRAIN, "--resume", tmp_path / "run", cwd=tmp_path)
+    assert r.returncode == 2 and "is a directory" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = cli(PREDICT, "--checkpoint", tmp_path / "run", tmp_path / "x.png", cwd=tmp_path)
+    assert r.returncode == 2 and "is a directory" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_help_crop_padding_agrees_with_its_default(tmp_path):
+    r = cli(TRAIN, "--help", cwd=tmp_path)
+    text = " ".join(r.stdout.split())
+    start = text.rindex("--crop-padding P")   # the entry, not the usage line
+    help_text = re.match(r"--crop-padding P (.*?\(default: [^)]*\))", text[start:]).group(1)
+    assert "(default: 0)" in help_text and "default S/8" not in help_text, help_text

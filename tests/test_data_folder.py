@@ -90,7 +90,10 @@ def test_exif_orientation_is_applied(tmp_path):
     top, bottom = img[:, :15].reshape(3, -1).mean(1), img[:, 25:].reshape(3, -1).mean(1)
     assert top[0] > 200 and top[2] < 50  # the red left half turned to the top
     assert bottom[2] > 200 and bottom[0] < 50
+    (tmp_path / "dog").mkdir()   # a second class: one class alone is refused
+    stored.save(tmp_path / "dog" / "plain.jpg")
     ds = ImageFolder(tmp_path, image_size=(40, 20), val_fraction=0.0, progress=False)
+    assert ds.train_paths[0] == path
     assert np.abs(ds.train[0][0].astype(int) - img).max() <= 2  # JPEG draft decoding may differ a little
 
 
@@ -197,3 +200,21 @@ def test_prepare_images_rejects_bad_input():
         prepare_images(np.zeros((2, 4, 4, 2), np.uint8), 8, 1)
     with pytest.raises(ValueError, match="channels"):
         prepare_images(np.zeros((2, 4, 4), np.uint8), 8, 4)
+
+
+def test_float_images_on_the_0_1_scale_are_not_read_as_black(tmp_path):
+    a = np.linspace(0.0, 1.0, 16 * 16, dtype=np.float32).reshape(16, 16)   # mode F, 0..1
+    Image.fromarray(a, "F").save(tmp_path / "float.tif")
+    img = load_image(tmp_path / "float.tif", channels=1)
+    assert img.shape == (1, 16, 16)
+    np.testing.assert_array_equal(img[0], np.rint(a * 255).astype(np.uint8))
+    b = a * 200                                                              # mode F, 0..200: kept as is
+    Image.fromarray(b, "F").save(tmp_path / "float255.tif")
+    np.testing.assert_array_equal(load_image(tmp_path / "float255.tif", channels=1)[0],
+                                  np.rint(b).astype(np.uint8))
+
+
+def test_one_class_is_refused_and_points_one_level_down(tmp_path):
+    make_tree(tmp_path / "train", {"cat": 2, "dog": 2})
+    with pytest.raises(ValueError, match=r"one class sub-folder \(train\).*try .*train"):
+        ImageFolder(tmp_path, image_size=(32, 32), progress=False)

@@ -43,7 +43,9 @@ def _to_mode(img: Image.Image, channels: int) -> Image.Image:
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     elif img.mode.startswith("I") or img.mode == "F":  # 16/32-bit ints or floats: PIL's convert clips at 255
         a = np.asarray(img, dtype=np.float64)
-        if img.mode.startswith("I;16") or a.max(initial=0) > 255:
+        if img.mode == "F" and a.size and 0.0 <= a.min() and a.max() <= 1.0:
+            a = a * 255.0  # floats on the 0..1 scale
+        elif img.mode.startswith("I;16") or a.max(initial=0) > 255:
             a = a / 257.0  # 0..65535 -> 0..255
         img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
     return img.convert("L" if channels == 1 else "RGB")
@@ -139,6 +141,14 @@ def list_images(folder: Path) -> list[Path]:
     return found
 
 
+class UnreadableImagesError(ValueError):
+    """Images that could not be decoded; .skipped is [(path, reason)] for every one of them."""
+
+    def __init__(self, message, skipped):
+        super().__init__(message)
+        self.skipped = list(skipped)
+
+
 def find_classes(root: Path) -> tuple[list[str], list[list[Path]]]:
     """The sorted class sub-folders of `root` and the sorted image files of each (also used by stream.py)."""
     if not root.is_dir():
@@ -147,6 +157,11 @@ def find_classes(root: Path) -> tuple[list[str], list[list[Path]]]:
     if not classes:
         raise ValueError(f"{root} has no class sub-folders: expected root/<class>/<image> "
                          "(for example root/cat/1.jpg, root/dog/2.jpg)")
+    if len(classes) == 1:   # a 1-class "classifier" is 100% right and useless
+        inner = root / classes[0]
+        raise ValueError(f"{root} has one class sub-folder ({classes[0]}); a classifier needs 2 or more"
+                         + (f". The class folders may be one level down: try {inner}"
+                            if any(d.is_dir() and not _is_hidden(d.name) for d in inner.iterdir()) else ""))
     per_class = [list_images(root / c) for c in classes]
     empty = [str(root / c) for c, files in zip(classes, per_class) if not files]
     if empty:
@@ -234,8 +249,8 @@ class ImageFolder:
             self.skipped.sort()
             listing = "\n".join(f"  {p}: {why}" for p, why in self.skipped)
             if not skip_bad:
-                raise ValueError(f"{len(self.skipped)} unreadable image(s) in {self.root} "
-                                 f"(pass skip_bad=True to drop them):\n{listing}")
+                raise UnreadableImagesError(f"{len(self.skipped)} unreadable image(s) in {self.root} "
+                                            f"(pass skip_bad=True to drop them):\n{listing}", self.skipped)
             warnings.warn(f"skipped {len(self.skipped)} unreadable image(s) in {self.root}:\n{listing}",
                           stacklevel=3)
             left = np.bincount([self.samples[i][1] for i in order[ok]], minlength=len(self.classes))

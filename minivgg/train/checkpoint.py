@@ -122,6 +122,14 @@ def _read_json(path, key, a):
                               f"dtype {a.dtype} shape {a.shape} ({e})") from e
 
 
+def _scalar(path, key, a, kinds):
+    """A 0-d number of one of the dtype kinds ('i' int, 'u' unsigned, 'f' float) as a Python number."""
+    if a.shape != () or a.dtype.kind not in kinds:
+        raise CheckpointError(f"{path}: key '{key}' should hold one number ({'an integer' if kinds == 'iu' else 'a float'}), "
+                              f"got dtype {a.dtype} shape {a.shape}")
+    return int(a) if kinds == "iu" else float(a)
+
+
 def load_checkpoint(path, model=None, optimizer=None, scheduler=None, restore_rng=False) -> dict:
     """Read a checkpoint; with `model` (and optimizer, scheduler) given, restore them too.
 
@@ -131,6 +139,9 @@ def load_checkpoint(path, model=None, optimizer=None, scheduler=None, restore_rn
     (a ValueError) naming the path and the problem for anything unreadable or unfitting.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file"
+                              + (f" (did you mean {path / 'last.npz'}?)" if (path / "last.npz").is_file() else ""))
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
@@ -141,10 +152,10 @@ def load_checkpoint(path, model=None, optimizer=None, scheduler=None, restore_rn
     except Exception as e:  # BadZipFile, EOFError, CRC errors, bad .npy headers, ...
         raise CheckpointError(f"{path}: cannot read the checkpoint, the file is truncated, corrupt "
                               f"or not an .npz archive ({type(e).__name__}: {e})") from e
-    if raw.get("format") is None or str(raw["format"][()]) != FORMAT:
+    if raw.get("format") is None or raw["format"].shape != () or str(raw["format"][()]) != FORMAT:
         raise CheckpointError(f"{path}: is an .npz file but not a minivgg checkpoint (no '{FORMAT}' "
                               f"marker under key 'format'); keys found: {sorted(raw)[:8]}")
-    version = int(raw["format_version"]) if "format_version" in raw else None
+    version = _scalar(path, "format_version", raw["format_version"], "iu") if "format_version" in raw else None
     if version is None or version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {version}, this minivgg reads "
                               f"versions up to {FORMAT_VERSION}; upgrade minivgg")
@@ -152,9 +163,12 @@ def load_checkpoint(path, model=None, optimizer=None, scheduler=None, restore_rn
     if missing:
         raise CheckpointError(f"{path}: checkpoint is missing key(s) {missing}")
     weights = {k[len("model/"):]: a for k, a in raw.items() if k.startswith("model/")}
+    for k, a in raw.items():   # weights, buffers and optimizer state are numbers, never strings
+        if k.startswith(("model/", "optim/state.")) and a.dtype.kind not in "fiub":
+            raise CheckpointError(f"{path}: key '{k}' should hold a numeric array, got dtype {a.dtype}")
     if not weights:
         raise CheckpointError(f"{path}: checkpoint holds no model weights (no 'model/...' keys)")
-    best = float(raw["best_metric"])
+    best = _scalar(path, "best_metric", raw["best_metric"], "fiu")
     ckpt = {
         "path": str(path),
         "format_version": version,
@@ -165,8 +179,8 @@ def load_checkpoint(path, model=None, optimizer=None, scheduler=None, restore_rn
         "layer_rngs": _read_json(path, "layer_rngs", raw["layer_rngs"]),
         "config": _read_json(path, "config", raw["config"]),
         "history": _read_json(path, "history", raw["history"]),
-        "epoch": int(raw["epoch"]),
-        "global_step": int(raw["global_step"]),
+        "epoch": _scalar(path, "epoch", raw["epoch"], "iu"),
+        "global_step": _scalar(path, "global_step", raw["global_step"], "iu"),
         "best_metric": None if math.isnan(best) else best,
         "extra": _read_json(path, "extra", raw["extra"]),
     }
