@@ -53,11 +53,7 @@ def test_a_checkpoint_from_an_earlier_run_is_not_called_this_runs_last_good_one(
 
 class ExplodeOnCall(NaNOnCall):
     """Cross-entropy that returns a huge but finite loss on its n-th call."""
-
-    def forward(self, logits, labels):
-        self.calls += 1
-        loss = super(NaNOnCall, self).forward(logits, labels)
-        return loss * np.float32(1e28) if self.calls == self.n else loss
+    factor = np.float32(1e28)
 
 
 def test_a_finite_explosion_stops_the_run(tmp_path):

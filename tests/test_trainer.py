@@ -90,6 +90,7 @@ def test_accumulating_two_micro_batches_equals_one_double_batch(tmp_path):
 # -- stopping ------------------------------------------------------------------------------------
 class NaNOnCall(SoftmaxCrossEntropy):
     """Cross-entropy that returns NaN on its n-th call, as an overflowing run would."""
+    factor = np.float32("nan")   # what the n-th loss is multiplied by
 
     def __init__(self, n):
         super().__init__()
@@ -98,7 +99,7 @@ class NaNOnCall(SoftmaxCrossEntropy):
     def forward(self, logits, labels):
         self.calls += 1
         loss = super().forward(logits, labels)
-        return loss * np.float32("nan") if self.calls == self.n else loss
+        return loss * self.factor if self.calls == self.n else loss
 
 
 def test_nonfinite_loss_stops_at_that_step_and_keeps_the_last_checkpoint(tmp_path):
