@@ -62,7 +62,7 @@ RUN_OPTIONS = ("model", "bn", "init", "dataset", "data_dir", "image_size", "chan
                "head", "hidden", "pool_size", "dropout", "optimizer", "momentum", "weight_decay",
                "schedule", "warmup", "label_smoothing", "clip_norm", "augment", "crop_padding", "normalize", "seed",
                "batch_size", "accum_steps", "freeze_features", "train_subset", "val_size", "test_subset",
-               "lr", "out", "patience", "sync_bn", "epochs", "skip_bad_images")
+               "lr", "out", "patience", "sync_bn", "epochs", "skip_bad_images", "stream")
 # Of those, the ones a resumed run cannot change: the weights, optimizer state, schedule and data split
 # in the checkpoint were made with them, so a different typed value is refused (not silently ignored).
 FIXED_ON_RESUME = ("model", "bn", "init", "dataset", "image_size", "channels", "width_ratio", "head", "hidden",
