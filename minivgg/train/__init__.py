@@ -1,7 +1,8 @@
 """Training: the loop (Trainer), checkpoints that resume exactly, metrics, and plots.
 
 Reading order: metrics (what is measured), checkpoint (what is saved and how),
-trainer (the loop that ties them to a model, an optimizer and data loaders), plots.
+trainer (the loop that ties them to a model, an optimizer and data loaders), then what a run
+leaves beside checkpoints: records (history and plots, written atomically by files), plots.
 """
 from .checkpoint import (FORMAT_VERSION, CheckpointError, check_compatible, load_checkpoint, restore,
                          restore_rng_state, save_checkpoint)

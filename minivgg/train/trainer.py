@@ -13,22 +13,18 @@ batches, the same augmentation and the same dropout masks as one that never stop
 """
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from .. import backend
 from ..losses import SoftmaxCrossEntropy
-from . import plots
+from . import records
 from .checkpoint import atomic_savez, checkpoint_arrays, load_checkpoint
-from .files import atomic_write_text, remove_stale_temps
+from .files import remove_stale_temps
 from .metrics import evaluate
 
 
@@ -459,24 +455,8 @@ class Trainer:
 
     # -- files ------------------------------------------------------------------------------
     def write_history(self) -> None:
-        """history.json (everything), history.csv (the scalar columns), eval.json (last eval)."""
-        out = self.out_dir
-        atomic_write_text(out / "history.json", json.dumps(self.history, indent=1))
-        cols = []
-        for row in self.history:
-            cols += [k for k, v in row.items() if not isinstance(v, (list, dict)) and k not in cols]
-        table = io.StringIO(newline="")
-        w = csv.DictWriter(table, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(self.history)
-        atomic_write_text(out / "history.csv", table.getvalue())
-        if self.last_eval is not None:
-            ev = self.last_eval
-            atomic_write_text(out / "eval.json", json.dumps({
-                "epoch": self.epoch, "loss": ev["loss"], "top1": ev["top1"], "top5": ev["top5"],
-                "class_names": self.class_names,
-                "per_class": [None if math.isnan(a) else float(a) for a in ev["per_class"]],
-                "confusion": ev["confusion"].tolist()}, indent=1))
+        """history.json, history.csv and eval.json, atomically (minivgg/train/records.py)."""
+        records.write_history(self.out_dir, self.history, self.last_eval, self.epoch, self.class_names)
 
     def _display_norm(self):
         norm = self.extra.get("normalize")
@@ -487,19 +467,6 @@ class Trainer:
 
     def draw(self) -> list[Path]:
         """history.png, and from the last evaluation confusion.png, predictions.png, mistakes.png."""
-        paths = [plots.plot_history(self.history, self.out_dir / "history.png")]
-        ev = self.last_eval
-        if ev is None:
-            return paths
-        paths.append(plots.plot_confusion(ev["confusion"], self.class_names, self.out_dir / "confusion.png",
-                                          title=f"validation, epoch {self.epoch}"))
         mean, std = self._display_norm()
-        for key, name, title in (("examples", "predictions.png", "validation predictions"),
-                                 ("mistakes", "mistakes.png", "misclassified validation images")):
-            ex = ev.get(key)
-            if ex is None:
-                ex = {"images": np.zeros((0, 1, 1, 1)), "labels": [], "preds": [], "probs": []}
-            paths.append(plots.plot_image_grid(ex["images"], ex["labels"], ex["preds"], ex["probs"],
-                                               self.class_names, self.out_dir / name,
-                                               title=f"{title}, epoch {self.epoch}", mean=mean, std=std))
-        return paths
+        return records.draw_run(self.out_dir, self.history, self.last_eval, self.epoch, self.class_names,
+                                mean=mean, std=std)
