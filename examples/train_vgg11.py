@@ -39,6 +39,7 @@ DEFAULTS = {
     "grad_flow": None, "skip_bad_images": False,
     "distributed": False, "sync_bn": False,
     "stream": False,
+    "amp": False, "amp_growth_interval": 2000,
 }
 
 # Named recipes: each overrides DEFAULTS; flags given on the command line override both.
@@ -62,7 +63,8 @@ RUN_OPTIONS = ("model", "bn", "init", "dataset", "data_dir", "image_size", "chan
                "head", "hidden", "pool_size", "dropout", "optimizer", "momentum", "weight_decay",
                "schedule", "warmup", "label_smoothing", "clip_norm", "augment", "crop_padding", "normalize", "seed",
                "batch_size", "accum_steps", "freeze_features", "train_subset", "val_size", "test_subset",
-               "lr", "out", "patience", "sync_bn", "epochs", "skip_bad_images", "stream")
+               "lr", "out", "patience", "sync_bn", "epochs", "skip_bad_images", "stream",
+               "amp", "amp_growth_interval")
 # Of those, the ones a resumed run cannot change: the weights, optimizer state, schedule and data split
 # in the checkpoint were made with them, so a different typed value is refused (not silently ignored).
 FIXED_ON_RESUME = ("model", "bn", "init", "dataset", "image_size", "channels", "width_ratio", "head", "hidden",
@@ -249,6 +251,13 @@ def make_parser(suppress: bool = False) -> argparse.ArgumentParser:
                    help="train against (1-EPS) one-hot + EPS/K targets")
     g.add_argument("--clip-norm", type=float, default=D("clip_norm"), metavar="C",
                    help="clip the global gradient norm to C before each step")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=D("amp"),
+                   help="mixed precision: float16 forward and backward, float32 master weights, optimizer, "
+                        "BatchNorm and loss, dynamic loss scaling (minivgg/amp.py); made for GPUs, slower "
+                        "on the CPU")
+    g.add_argument("--amp-growth-interval", type=int, default=D("amp_growth_interval"), metavar="N",
+                   help="with --amp: double the loss scale after N steps without inf/NaN gradients "
+                        "(it halves, and the step is skipped, on any)")
     return p
 
 
@@ -296,7 +305,7 @@ def check_args(args) -> None:
     if args.image_size < MIN_IMAGE_SIZE:
         raise UsageError(f"--image-size {args.image_size} is too small: VGG halves the image 5 times, "
                          f"so it needs at least {MIN_IMAGE_SIZE}")
-    for name in ("epochs", "batch_size", "accum_steps", "width_ratio", "pool_size"):
+    for name in ("epochs", "batch_size", "accum_steps", "width_ratio", "pool_size", "amp_growth_interval"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("max_steps", "train_subset", "test_subset", "patience"):
@@ -498,6 +507,7 @@ def join_model(args, dist, model, data, train_loader) -> None:
 # -- the run ------------------------------------------------------------------------------------
 def run(args) -> int:
     from minivgg import backend
+    from minivgg.amp import LossScaler
     from minivgg.losses import SoftmaxCrossEntropy
     from minivgg.models import draw_architecture, summary
     from minivgg.train import NonFiniteLossError, Trainer, evaluate, freeze_features, load_checkpoint
@@ -538,7 +548,8 @@ def run(args) -> int:
                       class_names=data["classes"], device=args.device, max_steps=args.max_steps,
                       extra=extra, plots=args.plots, progress=args.progress,
                       skip_input_grad=True,   # the images need no gradient (as in torch)
-                      distributed=dist)
+                      distributed=dist,
+                      amp=LossScaler(growth_interval=args.amp_growth_interval) if args.amp else False)
     out.mkdir(parents=True, exist_ok=True)
     if args.plots:
         draw_architecture(model, (C, S, S), out / "architecture.png")
@@ -560,6 +571,10 @@ def run(args) -> int:
         dist.comm.Barrier()   # rank 0 has written best.npz before any rank reads it
     print(f"training stopped: {trainer.stop_reason} after {trainer.epoch} epoch(s), "
           f"{trainer.global_step} steps")
+    if trainer.amp is not None:
+        scaler = trainer.amp.scaler
+        print(f"mixed precision: loss scale {scaler.scale:g}, {scaler.skipped_steps} step(s) skipped "
+              "for inf/NaN gradients")
 
     # the final score: the best checkpoint (by validation accuracy) on the test set
     which = "the final weights"

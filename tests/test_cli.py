@@ -31,7 +31,7 @@ def test_help_explains_every_option(tmp_path):
                  "--hidden", "--head", "--epochs", "--batch-size", "--optimizer", "--lr", "--momentum",
                  "--weight-decay", "--schedule", "--warmup", "--label-smoothing", "--augment", "--no-augment",
                  "--seed", "--out", "--resume", "--freeze-features", "--max-steps", "--train-subset",
-                 "--preset", "--accum-steps", "--patience"):
+                 "--preset", "--accum-steps", "--patience", "--amp", "--amp-growth-interval"):
         assert flag in r.stdout, flag
     assert "d2l" in r.stdout and "examples:" in r.stdout and "folder:PATH" in r.stdout
     r = cli(PREDICT, "--help", cwd=tmp_path)
@@ -107,6 +107,17 @@ def test_smoke_run_on_fashion_mnist_then_resume_then_predict(tmp_path):
     assert any(n in r.stdout for n in names)
     for probs in got.values():
         assert len(probs) == 5 and probs == sorted(probs, reverse=True) and sum(probs) <= 1.0001
+
+
+def test_amp_run_then_resume_keeps_mixed_precision(tmp_path):
+    out = tmp_path / "amp"
+    r = cli(TRAIN, *TINY, "--amp", "--amp-growth-interval", "2", "--train-subset", "24", "--val-size", "8",
+            "--test-subset", "16", "--epochs", "1", "--no-plots", "--out", out, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert re.search(r"mixed precision: loss scale \d+, \d+ step\(s\) skipped", r.stdout), r.stdout
+    r = cli(TRAIN, "--resume", out / "last.npz", "--epochs", "2", "--no-progress", "--no-plots", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "mixed precision: loss scale" in r.stdout          # --amp came back from the checkpoint
 
 
 def test_folder_dataset_run_and_predict_top5_of_5_classes_sums_to_1(tmp_path):

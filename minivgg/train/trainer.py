@@ -21,6 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .. import backend
+from ..amp import LossScaler, MixedPrecision
 from ..losses import SoftmaxCrossEntropy
 from . import records
 from .checkpoint import atomic_savez, checkpoint_arrays, load_checkpoint
@@ -114,6 +115,9 @@ class Trainer:
     distributed   a minivgg.distributed.Distributed for data-parallel training: gradients are
                   all-reduced right before optimizer.step(), epoch metrics are summed over the
                   ranks, and only rank 0 writes files (the loaders must be the rank's shards)
+    amp           mixed precision (minivgg.amp): True, or a LossScaler with its own settings;
+                  forward and backward run in float16, the model, optimizer and loss stay
+                  float32, a step whose gradients overflow is skipped (it still counts)
 
     Without a val_loader, best.npz follows the training accuracy.
     """
@@ -122,7 +126,7 @@ class Trainer:
                  out_dir="runs/x", accum_steps=1, clip_norm=None, patience=None, class_names=None,
                  device="cpu", max_steps=None, extra=None, plots=True, progress=True,
                  keep_examples=32, checkpoints=True, skip_input_grad=False, distributed=None,
-                 explode_factor=1e4):
+                 explode_factor=1e4, amp=False):
         if int(accum_steps) < 1:
             raise ValueError(f"Trainer: accum_steps must be >= 1, got {accum_steps}")
         if patience is not None and int(patience) < 1:
@@ -130,6 +134,13 @@ class Trainer:
         self.model = model.to(device) if device != "cpu" else model
         if skip_input_grad:   # opt-in: it changes what model.backward returns
             _skip_first_input_grad(self.model)
+        if amp not in (False, None) and distributed is not None:
+            raise ValueError("Trainer: amp with distributed is not supported yet (the overflow flag "
+                             "would need an all-reduce over the ranks)")
+        self.amp = None if amp in (False, None) else \
+            MixedPrecision(self.model, amp if isinstance(amp, LossScaler) else LossScaler())
+        self._found_inf = None         # amp: 0-d device flag, a gradient of the step under way overflowed
+        self._overflow = False         # ... and its value once read with the loss
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_loader, self.val_loader = train_loader, val_loader
         self.loss_fn = loss_fn or SoftmaxCrossEntropy()
@@ -178,6 +189,8 @@ class Trainer:
         extra["trainer"] = {"batch_in_epoch": self.batch_in_epoch, "partial": partial,
                             "bad_epochs": self.bad_epochs, "accum_steps": self.accum_steps,
                             "first_loss": self.first_loss}
+        if self.amp is not None:
+            extra["trainer"]["loss_scaler"] = self.amp.scaler.state_dict()
         return checkpoint_arrays(self.model, self.optimizer, self.scheduler, epoch=self.epoch,
                                  global_step=self.global_step, best_metric=self.best_metric,
                                  history=self.history, extra=extra)
@@ -204,6 +217,8 @@ class Trainer:
         self.bad_epochs = int(state.get("bad_epochs", 0))
         self.first_loss = state.get("first_loss")
         self.good = (Path(path), self.epoch)
+        if self.amp is not None and "loss_scaler" in state:   # a float32 run's checkpoint starts a fresh scale
+            self.amp.scaler.load_state_dict(state["loss_scaler"])
         if self.class_names is None and ckpt["extra"].get("class_names"):
             self.class_names = ckpt["extra"]["class_names"]
         if self.batch_in_epoch % self.accum_steps:
@@ -251,6 +266,13 @@ class Trainer:
 
         Nothing is read back here: the caller reads both (and the gradient norm) in one copy.
         """
+        if self.amp is not None:   # float16 pass, float32 logits; model grads float32, unscaled
+            logits = self.amp.forward(x)                                # (B, K)
+            loss = self.loss_fn(logits, y)                              # ()
+            found = self.amp.backward(self.loss_fn.backward())          # () bool
+            self._found_inf = found if self._found_inf is None else self._found_inf | found
+            correct = (logits.argmax(axis=1) == y).sum()                # ()
+            return loss, correct
         logits = self.model.forward(x)                                  # (B, K)
         loss = self.loss_fn(logits, y)                                  # ()
         self.model.backward(self.loss_fn.backward())
@@ -268,7 +290,11 @@ class Trainer:
         parts = [loss.astype(xp.float64), correct.astype(xp.float64)]
         if norm is not None:
             parts.append(xp.asarray(norm, dtype=xp.float64))
+        if self._found_inf is not None:   # amp: the overflow flag rides along
+            parts.append(self._found_inf.astype(xp.float64))
         values = backend.to_numpy(xp.stack(parts))                     # one copy to the host
+        if self._found_inf is not None:
+            self._overflow, norm = bool(values[-1]), (None if values[-1] else norm)   # skipped: no norm check
         if not math.isfinite(values[0]) and hasattr(self.loss_fn, "check_labels"):
             self.loss_fn.check_labels(y, self.loss_fn.cache[0].shape[1])
         self._check_loss(float(values[0]), batch)
@@ -303,7 +329,12 @@ class Trainer:
         return clip_grad_norm(self.model, self.clip_norm, sync=False)
 
     def _optimizer_step(self):
-        self.optimizer.step()
+        take = True
+        if self.amp is not None:   # inf/NaN gradients: skip; weights and optimizer state stay as they are
+            take = self.amp.scaler.update(self._overflow)
+            self._found_inf, self._overflow = None, False
+        if take:
+            self.optimizer.step()
         self.global_step += 1
         if self.scheduler is not None and hasattr(self.scheduler, "step_batch"):
             self.scheduler.step_batch()   # only a warmup moves per step
@@ -378,6 +409,8 @@ class Trainer:
         row = {"epoch": epoch_index + 1, "steps": self.global_step, "lr": self._lr(),
                "train_loss": p["loss_sum"] / max(p["seen"], 1), "train_acc": p["correct"] / max(p["seen"], 1),
                "time_s": p["time"], "images_per_s": p["seen"] / max(p["time"], 1e-9)}
+        if self.amp is not None:
+            row.update(loss_scale=self.amp.scaler.scale, skipped_steps=self.amp.scaler.skipped_steps)
         if self.val_loader is not None:
             ev = self._evaluate(self.val_loader, f"eval {epoch_index + 1}")
             if self.distributed:   # each rank evaluated its shard of the validation set
