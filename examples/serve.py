@@ -9,6 +9,7 @@ unless --onnx runs the model through onnxruntime (pip install -e '.[export]').
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -61,6 +62,16 @@ def load_predictor(args):
     return Predictor(args.checkpoint, args.device), "minivgg"
 
 
+def stop_on_signals() -> None:
+    """Ctrl-C (SIGINT) and a process manager's SIGTERM both stop the server cleanly. Set explicitly:
+    a process started in the background by a non-interactive shell inherits SIGINT *ignored*,
+    and would otherwise never hear Ctrl-C."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+
+
 def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
     from minivgg.deploy.server import make_server
@@ -76,6 +87,7 @@ def main(argv=None) -> int:
     print(f"serving {backend} model ({len(predictor.classes)} classes, {predictor.channels}x"
           f"{predictor.image_size[0]}x{predictor.image_size[1]}) on {server.url}  (Ctrl-C stops)", flush=True)
     print(f"try: curl -F file=@image.png {server.url}/predict", flush=True)
+    stop_on_signals()
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -211,12 +211,18 @@ def test_onnx_backend_answers_like_minivgg(predictor, tmp_path):
                                [p["probability"] for p in want], rtol=1e-5)
 
 
-def test_cli_serves_until_interrupted(tmp_path):
+def _ignore_sigint():   # as a background job of a non-interactive shell starts
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_cli_serves_until_interrupted(tmp_path, stop):
+    """Ctrl-C or SIGTERM stops the server cleanly, also when it was started with SIGINT ignored."""
     ckpt, _ = fashion_checkpoint(tmp_path / "best.npz", "vgg11")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, str(ROOT / "examples" / "serve.py"), "--checkpoint", str(ckpt),
                              "--port", "0", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+                            text=True, env=env, preexec_fn=_ignore_sigint)
     try:
         line = proc.stdout.readline()   # "serving ... on http://127.0.0.1:PORT ..."
         assert "http://127.0.0.1:" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
@@ -227,7 +233,7 @@ def test_cli_serves_until_interrupted(tmp_path):
         assert r.status == 200 and len(json.loads(r.read())["predictions"]) == 5
         conn.close()
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         try:
             proc.wait(timeout=T)
         except subprocess.TimeoutExpired:
