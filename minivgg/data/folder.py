@@ -169,6 +169,19 @@ def find_classes(root: Path) -> tuple[list[str], list[list[Path]]]:
     return classes, per_class
 
 
+def index_folder(root: Path, val_fraction: float, seed: int, stratified: bool):
+    """What every folder dataset starts from: (classes, samples as (path, label), is_val (N,) bool).
+
+    The split is a function of (seed, val_fraction, stratified) and the listing alone, so the
+    in-memory ImageFolder and the StreamingImageFolder split a folder the same way.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    classes, per_class = find_classes(Path(root))
+    samples = [(p, k) for k, files in enumerate(per_class) for p in files]
+    return classes, samples, ImageFolder._split(per_class, val_fraction, seed, stratified)
+
+
 class ImageFolder:
     """A labelled image set on disk, one sub-folder per class (root/cat/1.jpg, root/dog/2.jpg).
 
@@ -193,12 +206,8 @@ class ImageFolder:
         if self.image_size is None:
             raise ValueError("ImageFolder needs an image_size (H, W): photos of different sizes "
                              "must be resized to one size to be stacked into a batch")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        self.classes, per_class = find_classes(self.root)
+        self.classes, self.samples, is_val = index_folder(self.root, val_fraction, seed, stratified)
         self.class_to_idx = {c: k for k, c in enumerate(self.classes)}
-        self.samples = [(p, k) for k, files in enumerate(per_class) for p in files]
-        is_val = self._split(per_class, val_fraction, seed, stratified)
         # Load train rows first, then val rows, into one array: the two parts are views, not copies.
         order = np.concatenate([np.flatnonzero(~is_val), np.flatnonzero(is_val)])
         images, ok = self._load(order, workers, progress, skip_bad)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .folder import ImageFolder, _check_channels, _size_hw, find_classes, load_image
+from .folder import _check_channels, _size_hw, index_folder, load_image
 from .transforms import channel_histograms, mean_std_of_histograms
 
 
@@ -110,12 +110,8 @@ class StreamingImageFolder:
                  seed: int = 0, stratified: bool = True, workers: int | None = None):
         self.root = Path(root)
         self.image_size, self.channels = _size_hw(image_size), _check_channels(channels)
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        self.classes, per_class = find_classes(self.root)
+        self.classes, self.samples, is_val = index_folder(self.root, val_fraction, seed, stratified)
         self.class_to_idx = {c: k for k, c in enumerate(self.classes)}
-        self.samples = [(p, k) for k, files in enumerate(per_class) for p in files]
-        is_val = ImageFolder._split(per_class, val_fraction, seed, stratified)
         parts = []
         for rows in (np.flatnonzero(~is_val), np.flatnonzero(is_val)):
             paths = [self.samples[i][0] for i in rows]
