@@ -25,7 +25,8 @@ class MaxPool2d(Layer):
     elsewhere:  dL/dx[n,c,argmax(i,j)] += dout[n,c,i,j]. At a tie only the first
     maximum (row-major scan) receives it, as in PyTorch; where windows overlap
     a pixel that wins several windows collects the sum; a pixel in no window
-    (stride > kernel) gets 0.
+    (stride > kernel) gets 0. A NaN in a window propagates to its output, and
+    the gradient goes to the window's last NaN, as in PyTorch.
 
     How the kernels (minivgg/kernels/cpu.py, gpu.py) compute it: the CPU makes
     one vectorised pass per window offset (kh, kw), so KH*KW passes in all.

@@ -266,16 +266,14 @@ class Trainer:
 
         Nothing is read back here: the caller reads both (and the gradient norm) in one copy.
         """
-        if self.amp is not None:   # float16 pass, float32 logits; model grads float32, unscaled
-            logits = self.amp.forward(x)                                # (B, K)
-            loss = self.loss_fn(logits, y)                              # ()
-            found = self.amp.backward(self.loss_fn.backward())          # () bool
-            self._found_inf = found if self._found_inf is None else self._found_inf | found
-            correct = (logits.argmax(axis=1) == y).sum()                # ()
-            return loss, correct
-        logits = self.model.forward(x)                                  # (B, K)
+        # amp: a float16 pass with float32 logits; the model's grads come back float32, unscaled
+        logits = (self.amp or self.model).forward(x)                    # (B, K)
         loss = self.loss_fn(logits, y)                                  # ()
-        self.model.backward(self.loss_fn.backward())
+        if self.amp is None:
+            self.model.backward(self.loss_fn.backward())
+        else:
+            found = self.amp.backward(self.loss_fn.backward())          # () bool: a gradient overflowed
+            self._found_inf = found if self._found_inf is None else self._found_inf | found
         correct = (logits.argmax(axis=1) == y).sum()                    # ()
         return loss, correct
 
@@ -371,12 +369,12 @@ class Trainer:
                 if self.accum_steps > 1:
                     self._accumulate(sums)
                 count += 1
-                samples += int(y.shape[0])
+                n = int(y.shape[0])
+                samples += n
                 last = total is not None and i + 1 == total
                 step_now = count == self.accum_steps or last
                 norm = self._prepare_step(sums, count, samples) if step_now else None
                 loss, correct = self._read_step(y, i + 1, loss, correct, norm)
-                n = int(y.shape[0])
                 p["loss_sum"] += loss * n
                 p["correct"] += correct
                 p["seen"] += n

@@ -106,6 +106,6 @@ for _name in ("zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "
               "amax", "amin", "max", "min", "argmax", "argmin", "all", "any", "count_nonzero", "isfinite",
               "isnan", "isinf", "clip", "concatenate", "stack", "broadcast_to", "reshape", "transpose",
               "moveaxis", "bincount", "take_along_axis", "less", "greater", "equal", "not_equal",
-              "logical_and", "logical_or", "logical_not", "copyto", "allclose", "array_equal", "flip",
+              "logical_and", "logical_or", "logical_not", "copyto", "flip",
               "pad", "take", "repeat", "tile"):
     globals()[_name] = _function(_name)
