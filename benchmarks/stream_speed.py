@@ -108,7 +108,7 @@ def main(argv=None) -> int:
             streamed = n_steps * args.batch / (time.perf_counter() - t0)
             results["step"][cfg["key"]], results["streamed"][cfg["key"]] = fixed, streamed
             rows.append([f"train step, {cfg['name']}", f"{fixed:,.1f}"])
-            rows.append([f"  the same, streamed from the folder (prefetch 2)", f"{streamed:,.1f}"])
+            rows.append(["  the same, streamed from the folder (prefetch 2)", f"{streamed:,.1f}"])
         src.close()
     print(common.table(["what", "images/s"], rows, align="lr"))
     if args.json:

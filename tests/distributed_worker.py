@@ -11,7 +11,6 @@ tests need (a rank killed, a rank raising, a rank built with different options).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import signal
