@@ -3,8 +3,11 @@
 Times forward, backward (dx, dW and db together) and forward+backward for every conv shape of
 VGG-11 on 32x32 images (batch 64), or of VGG-16 on 224x224 (--vgg16-224), for minivgg
 (NumPy on the CPU, CuPy on the GPU) and torch.nn.functional.conv2d in the same run, after
-checking that both compute the same outputs and gradients. Only Conv2d's public API is used
-(forward, backward, params, grads), so the script keeps working as the layer's internals change.
+checking that both compute the same outputs and gradients. Beside them, the GEMM-only column:
+the three matrix products a convolution cannot avoid (forward, dW, dx) timed alone on the
+layer's shapes, the ceiling any im2col convolution on the same BLAS could reach. Only Conv2d's
+public API is used (forward, backward, params, grads), so the script keeps working as the
+layer's internals change.
 
     PYTHONPATH=. python benchmarks/conv_speed.py                  # VGG-11 @ 32x32, CPU
     PYTHONPATH=. python benchmarks/conv_speed.py --vgg16-224 --batch 2 --json out.json
@@ -44,7 +47,16 @@ TORCH_METHOD = ("torch: fwd = F.conv2d with autograd recording (as in training);
                 "conv2d_weight (the same aten op with output_mask (1,0,0) / (0,1,0)); "
                 "total = F.conv2d + autograd.grad. minivgg: fwd = Conv2d.forward, "
                 "bwd = Conv2d.backward (dx, dW, db in one call), total = both. "
-                "Both sides compute dx for every layer, the first one too.")
+                "Both sides compute dx for every layer, the first one too. Each side gets its "
+                "inputs laid out as its own network hands them over: torch NCHW; minivgg x and dout "
+                "CHWN in memory (seen as NCHW), as its Conv2d outputs are, except the first layer's "
+                "x, the images, NCHW.")
+
+GEMM_METHOD = ("GEMM-only: the three products of a convolution on its im2col shapes, with "
+               "M = N*OH*OW and K = C*KH*KW: forward (F, K) @ (K, M), dW (F, M) @ (M, K) and "
+               "dx (K, F) @ (F, M) (the same flops as the flipped-kernel form), float32 NumPy arrays "
+               "(CuPy on the GPU), timed alone in the same rounds as the layers; "
+               "'over GEMM' = minivgg's fwd+bwd time / the three GEMMs' time.")
 
 
 @dataclass(frozen=True)
@@ -133,8 +145,25 @@ def make_pair(case: ConvCase, device: str = "cpu", seed: int = 0) -> dict:
     t = {k: torch.from_numpy(v).to(tdev) for k, v in (("x", x), ("w", w), ("b", b), ("dout", dout))}
     for k in ("x", "w", "b"):
         t[k].requires_grad_(True)
-    return {"case": case, "device": device, "layer": layer,
-            "x": backend.to_device(x, device), "dout": backend.to_device(dout, device), "torch": t}
+    mx, mdout = backend.to_device(x, device), chwn(backend.to_device(dout, device))
+    if case.C > 3:                         # not the images: a feature map, CHWN as Conv2d makes it
+        mx = chwn(mx)
+    return {"case": case, "device": device, "layer": layer, "x": mx, "dout": mdout, "torch": t,
+            "gemm": gemm_operands(case, device, rng)}
+
+
+def chwn(a):
+    """The same (N, C, H, W) values with CHWN memory, as minivgg's Conv2d outputs (and the
+    gradients flowing back into them) lie inside a network."""
+    xp = backend.get_array_module(a)
+    return xp.ascontiguousarray(a.transpose(1, 2, 3, 0)).transpose(3, 0, 1, 2)
+
+
+def gemm_operands(case: ConvCase, device: str, rng) -> dict:
+    """Random float32 operands of the three GEMMs (see GEMM_METHOD), on `device`."""
+    K, M = case.C * case.K * case.K, case.N * case.OH * case.OW
+    mats = {"Wm": (case.F, K), "cols": (K, M), "D": (case.F, M)}
+    return {k: backend.to_device(rng.standard_normal(shape, dtype=np.float32), device) for k, shape in mats.items()}
 
 
 def minivgg_results(pair: dict):
@@ -195,7 +224,18 @@ def timed_functions(pair: dict) -> dict:
         y = F.conv2d(tx, tw, tb, padding=P)
         torch.autograd.grad(y, (tx, tw, tb), tdout)
 
+    g = pair["gemm"]
+    Wm, cols, D = g["Wm"], g["cols"], g["D"]
+
+    def gemm_total():
+        Wm @ cols
+        D @ cols.T
+        Wm.T @ D
+
     return {
+        "gemm_forward": lambda: Wm @ cols,
+        "gemm_backward": lambda: (D @ cols.T, Wm.T @ D),
+        "gemm_total": gemm_total,
         "minivgg_forward": lambda: layer.forward(x),
         "minivgg_backward": lambda: layer.backward(dout),
         "minivgg_total": mv_total,
@@ -233,6 +273,7 @@ def summarize_case(case: ConvCase, errors: dict, timings: dict) -> dict:
         "seconds": med,
         "timings": {k: v.to_dict() for k, v in timings.items()},
         "ratio": {part: med[f"minivgg_{part}"] / med[f"torch_{part}"] for part in ("forward", "backward", "total")},
+        "over_gemm": {part: med[f"minivgg_{part}"] / med[f"gemm_{part}"] for part in ("forward", "backward", "total")},
         "gflops": {
             "minivgg_forward": ff / med["minivgg_forward"] / 1e9,
             "torch_forward": ff / med["torch_forward"] / 1e9,
@@ -240,6 +281,7 @@ def summarize_case(case: ConvCase, errors: dict, timings: dict) -> dict:
             "torch_backward": fb / med["torch_backward"] / 1e9,
             "minivgg_total": (ff + fb) / med["minivgg_total"] / 1e9,
             "torch_total": (ff + fb) / med["torch_total"] / 1e9,
+            "gemm_total": (ff + fb) / med["gemm_total"] / 1e9,
         },
     }
 
@@ -253,6 +295,11 @@ def summarize(results: list[dict]) -> dict:
     worst = max(results, key=lambda r: r["ratio"]["total"])
     out["max_ratio_total"] = worst["ratio"]["total"]
     out["max_ratio_layer"] = worst["name"]
+    for part in ("forward", "backward", "total"):
+        out[f"geomean_over_gemm_{part}"] = common.geomean(r["over_gemm"][part] for r in results)
+    worst = max(results, key=lambda r: r["over_gemm"]["total"])
+    out["max_over_gemm_total"] = worst["over_gemm"]["total"]
+    out["max_over_gemm_layer"] = worst["name"]
     mv = sum(r["count"] * r["seconds"]["minivgg_total"] for r in results)
     tt = sum(r["count"] * r["seconds"]["torch_total"] for r in results)
     out["network_seconds_minivgg_total"] = mv
@@ -263,14 +310,18 @@ def summarize(results: list[dict]) -> dict:
 
 def format_report(results: list[dict], summary: dict) -> str:
     f, r = common.fmt_ms, common.fmt_ratio
-    worst = summary["max_ratio_layer"]
+    worst, worst_g = summary["max_ratio_layer"], summary["max_over_gemm_layer"]
     main = common.table(
-        ["layer", "N x C x H x W -> F", "minivgg ms", "torch ms", "ratio", "GFLOP/s minivgg", "GFLOP/s torch"],
+        ["layer", "N x C x H x W -> F", "minivgg ms", "GEMM-only ms", "over GEMM", "torch ms", "ratio",
+         "GFLOP/s minivgg", "GFLOP/s GEMM", "GFLOP/s torch"],
         [[x["name"] + (f" (x{x['count']})" if x["count"] > 1 else ""), x["shape"],
-          f(x["seconds"]["minivgg_total"]), f(x["seconds"]["torch_total"]),
+          f(x["seconds"]["minivgg_total"]), f(x["seconds"]["gemm_total"]),
+          r(x["over_gemm"]["total"]) + (" <- max" if x["name"] == worst_g else ""),
+          f(x["seconds"]["torch_total"]),
           r(x["ratio"]["total"]) + (" <- max" if x["name"] == worst else ""),
-          f"{x['gflops']['minivgg_total']:.1f}", f"{x['gflops']['torch_total']:.1f}"] for x in results],
-        align="llrrlrr")
+          f"{x['gflops']['minivgg_total']:.1f}", f"{x['gflops']['gemm_total']:.1f}",
+          f"{x['gflops']['torch_total']:.1f}"] for x in results],
+        align="llrrlrlrrr")
     parts = common.table(
         ["layer", "fwd minivgg", "fwd torch", "ratio", "bwd minivgg", "bwd torch", "ratio",
          "torch dx", "torch dW", "torch dx+dW"],
@@ -279,9 +330,13 @@ def format_report(results: list[dict], summary: dict) -> str:
           r(x["ratio"]["backward"]), f(x["seconds"]["torch_backward_dx"]), f(x["seconds"]["torch_backward_dw"]),
           f(x["seconds"]["torch_backward_dx"] + x["seconds"]["torch_backward_dw"])] for x in results])
     lines = [
-        "forward + backward (dx, dW, db), median ms per call; ratio = minivgg time / torch time "
-        "(above 1: minivgg is slower)",
+        "forward + backward (dx, dW, db), median ms per call; over GEMM = minivgg time / its three "
+        "GEMMs' time; ratio = minivgg time / torch time (above 1: minivgg is slower)",
         main, "",
+        f"over GEMM, geometric mean over {len(results)} layers: total {r(summary['geomean_over_gemm_total'])}, "
+        f"forward {r(summary['geomean_over_gemm_forward'])}, backward "
+        f"{r(summary['geomean_over_gemm_backward'])}; max {r(summary['max_over_gemm_total'])} "
+        f"({summary['max_over_gemm_layer']})",
         f"geometric mean ratio over {len(results)} layers: total {r(summary['geomean_ratio_total'])}, "
         f"forward {r(summary['geomean_ratio_forward'])}, backward {r(summary['geomean_ratio_backward'])}",
         f"max ratio: {r(summary['max_ratio_total'])} ({summary['max_ratio_layer']})",
@@ -354,6 +409,7 @@ def main(argv=None) -> dict:
     print(f"benchmark: {net}, batch {args.batch}, float32, device {args.device}, median of "
           f"{args.repeats} interleaved repeats after {args.warmup} warm-up, check tolerance {tol:g}")
     print(textwrap.fill(TORCH_METHOD, 100))
+    print(textwrap.fill(GEMM_METHOD, 100))
     print(flush=True)
 
     progress = common.Progress(total=(1 + args.repeats) * len(cases), desc="conv_speed",
@@ -373,7 +429,7 @@ def main(argv=None) -> dict:
     payload = {"benchmark": "conv_speed", "network": net, "batch": args.batch, "device": args.device,
                "dtype": "float32", "repeats": args.repeats, "warmup": args.warmup, "min_time": args.min_time,
                "tolerance": tol, "tf32": tf32, "threads": args.threads, "threads_note": threads_note,
-               "method": TORCH_METHOD, "machine": info, "layers": results, "summary": summary}
+               "method": TORCH_METHOD, "gemm_method": GEMM_METHOD, "machine": info, "layers": results, "summary": summary}
     if args.json:
         common.write_json(args.json, payload)
         print(f"\nwrote {args.json}")

@@ -6,6 +6,8 @@ import pytest
 from minivgg import backend, kernels
 from minivgg.kernels import batch_chunks, out_size
 from minivgg.layers import Conv2d, MaxPool2d, conv2d_naive, conv2d_naive_backward, maxpool2d_naive
+from minivgg.layers.base import pair
+from minivgg.layers.conv import flipped_kernel_applies
 
 # Relative error ||a - b|| / ||b|| allowed between two summation orders of the same products.
 RTOL = {np.float64: 1e-12, np.float32: 1e-5}
@@ -38,9 +40,17 @@ CONV_CASES = [
     (3, 2, 8, 6, 3, 3, 2, 1, False),             # stride 2, no bias
     (2, 3, 9, 10, 2, (3, 5), (2, 1), (1, 2), True),  # non-square kernel, stride and padding
     (2, 1, 3, 3, 2, 5, 1, 2, True),              # kernel covers the whole padded image
-    (2, 1, 6, 5, 8, 3, 1, 1, True),              # stride 1 with F > 4C: dx by col2im, not the flip
+    (2, 1, 6, 5, 8, 3, 1, 1, True),              # stride 1 with F > C: dx by col2im, not the flip
+    (2, 5, 6, 5, 4, 3, 1, 1, True),              # stride 1 with F < C: dx by the flipped kernel
+    (3, 4, 5, 7, 4, 3, 1, 0, False),             # F == C, no padding: the flip pads dout by K-1
 ]
 CONV_IDS = [f"N{c[0]}C{c[1]}_{c[2]}x{c[3]}_F{c[4]}_k{c[5]}_s{c[6]}_p{c[7]}_b{int(c[8])}" for c in CONV_CASES]
+
+
+def test_the_cases_take_both_input_gradient_paths():
+    """Conv2d.backward has two ways to dL/dx; the cases above must reach each of them."""
+    flip = [flipped_kernel_applies(pair(k), pair(s), pair(p), F, C) for (_, C, _, _, F, k, s, p, _) in CONV_CASES]
+    assert any(flip) and not all(flip)
 
 
 def make_conv(rng, dtype, N, C, H, W, F, k, s, p, bias):

@@ -1,10 +1,20 @@
 """NumPy kernels: im2col / col2im for convolution, window max for pooling.
 
 Notation: N batch, C channels, H W input size, KH KW kernel, OH OW output
-size, Hp Wp padded size. The column layout is (C*KH*KW, N*OH*OW): one GEMM
-with the (F, C*KH*KW) weight matrix then convolves the whole batch at once.
+size, Hp Wp padded size. The column layout is (C*KH*KW, OH*OW*N), the batch
+innermost: one GEMM with the (F, C*KH*KW) weight matrix then convolves the
+whole batch at once, and its (F, OH*OW*N) result already is a feature map
+whose memory runs channel, row, column, image ("CHWN"). Conv2d hands that on
+as an (N, F, OH, OW) view without copying it, so inside a network every
+feature map lies in memory as CHWN while every layer still sees NCHW shapes
+and indices. NumPy follows the strides: the kernels below read and write
+whatever layout they are given, and run fastest on CHWN, where the runs they
+copy are OW*N or N numbers long instead of OW.
 """
 from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
@@ -18,14 +28,37 @@ def out_size(size: int, k: int, stride: int, pad: int) -> int:
 def pad_input(x, pad_h: int, pad_w: int, value=0.0):
     """Pad H and W of x (N, C, H, W) with `value` -> (N, C, Hp, Wp).
 
-    Returns x itself when there is no padding, else a new padded array.
+    Returns x itself when there is no padding, else a new padded array laid
+    out in memory as x is (full_like keeps the order of x's strides).
     """
     if pad_h == 0 and pad_w == 0:
         return x
     N, C, H, W = x.shape
-    padded = np.full((N, C, H + 2 * pad_h, W + 2 * pad_w), value, dtype=x.dtype)  # (N, C, Hp, Wp)
+    padded = np.full_like(x, value, shape=(N, C, H + 2 * pad_h, W + 2 * pad_w))  # (N, C, Hp, Wp)
     padded[:, :, pad_h:pad_h + H, pad_w:pad_w + W] = x
     return padded
+
+
+# NumPy copies in one thread; it lets go of Python's lock while it does, so a copy
+# cut into slices runs on every core. Only pure copies are split (no sums), so the
+# result is the same bit for bit whatever the thread count.
+_THREADS = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+_pool, _pool_pid = None, None
+
+
+def parallel_copyto(dst, src) -> None:
+    """np.copyto(dst, src), dst and src sliced along their first axis over the cores."""
+    global _pool, _pool_pid
+    n = dst.shape[0]
+    if _THREADS == 1 or n < 2 or dst.nbytes < 2**20:      # under 1 MB a thread costs more than it saves
+        np.copyto(dst, src)
+        return
+    if _pool_pid != os.getpid():     # first use, or a forked child (the parent's threads are not in it)
+        _pool, _pool_pid = ThreadPoolExecutor(_THREADS, thread_name_prefix="minivgg-copy"), os.getpid()
+    bounds = np.linspace(0, n, min(_THREADS, n) + 1).astype(int)
+    parts = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    for f in [_pool.submit(np.copyto, dst[s], src[s]) for s in parts]:
+        f.result()
 
 
 # ---------------------------------------------------------------------------
@@ -34,30 +67,30 @@ def pad_input(x, pad_h: int, pad_w: int, value=0.0):
 # copy versus +=, is why they are adjoints: <im2col(x), cols> == <x, col2im(cols)>.
 # ---------------------------------------------------------------------------
 def im2col_naive(x, KH: int, KW: int, stride: tuple, pad: tuple):
-    """x (N, C, H, W) -> cols (C*KH*KW, N*OH*OW), window by window (reference for im2col_cpu)."""
+    """x (N, C, H, W) -> cols (C*KH*KW, OH*OW*N), window by window (reference for im2col_cpu)."""
     N, C, H, W = x.shape
     (sh, sw), (ph, pw) = stride, pad
     OH, OW = out_size(H, KH, sh, ph), out_size(W, KW, sw, pw)
     xpad = pad_input(x, ph, pw)                                       # (N, C, Hp, Wp)
-    cols = np.empty((C * KH * KW, N, OH, OW), dtype=x.dtype)          # (C*KH*KW, N, OH, OW)
+    cols = np.empty((C * KH * KW, OH, OW, N), dtype=x.dtype)          # (C*KH*KW, OH, OW, N)
     for i in range(OH):
         for j in range(OW):
             window = xpad[:, :, i * sh:i * sh + KH, j * sw:j * sw + KW]   # (N, C, KH, KW)
-            cols[:, :, i, j] = window.reshape(N, C * KH * KW).T       # (C*KH*KW, N)
-    return cols.reshape(C * KH * KW, N * OH * OW)
+            cols[:, i, j, :] = window.reshape(N, C * KH * KW).T       # (C*KH*KW, N)
+    return cols.reshape(C * KH * KW, OH * OW * N)
 
 
 def col2im_naive(cols, x_shape, KH: int, KW: int, stride: tuple, pad: tuple):
-    """cols (C*KH*KW, N*OH*OW) -> dx (N, C, H, W), window by window (reference for col2im_cpu)."""
+    """cols (C*KH*KW, OH*OW*N) -> dx (N, C, H, W), window by window (reference for col2im_cpu)."""
     N, C, H, W = x_shape
     (sh, sw), (ph, pw) = stride, pad
     OH, OW = out_size(H, KH, sh, ph), out_size(W, KW, sw, pw)
-    cols4 = cols.reshape(C * KH * KW, N, OH, OW)                      # (C*KH*KW, N, OH, OW)
+    cols4 = cols.reshape(C * KH * KW, OH, OW, N)                      # (C*KH*KW, OH, OW, N)
     dxpad = np.zeros((N, C, H + 2 * ph, W + 2 * pw), dtype=cols.dtype)   # (N, C, Hp, Wp)
     for i in range(OH):
         for j in range(OW):
             window = dxpad[:, :, i * sh:i * sh + KH, j * sw:j * sw + KW]  # (N, C, KH, KW) view
-            window += cols4[:, :, i, j].T.reshape(N, C, KH, KW)
+            window += cols4[:, i, j, :].T.reshape(N, C, KH, KW)
     return dxpad[:, :, ph:ph + H, pw:pw + W]                          # (N, C, H, W)
 
 
@@ -65,40 +98,58 @@ def col2im_naive(cols, x_shape, KH: int, KW: int, stride: tuple, pad: tuple):
 # The fast forms: one vectorised pass per kernel offset instead of per window.
 # ---------------------------------------------------------------------------
 def im2col_cpu(x, KH: int, KW: int, stride: tuple, pad: tuple):
-    """x (N, C, H, W) -> cols (C*KH*KW, N*OH*OW), as im2col_naive.
+    """x (N, C, H, W) -> cols (C*KH*KW, OH*OW*N), as im2col_naive.
 
-    Row (c, kh, kw), column (n, oh, ow) holds x_padded[n, c, oh*sh + kh, ow*sw + kw].
-    A strided view addresses every window without copying; one copy lays it out.
+    Row (c, kh, kw), column (oh, ow, n) holds x_padded[n, c, oh*sh + kh, ow*sw + kw].
+    x is padded once in CHWN order; a strided view then addresses every window
+    without copying, and one copy (split over the cores) lays the columns out.
     """
     N, C, H, W = x.shape
     sh, sw = stride
     OH, OW = out_size(H, KH, sh, pad[0]), out_size(W, KW, sw, pad[1])
-    xpad = np.ascontiguousarray(pad_input(x, *pad))                  # (N, C, Hp, Wp)
-    sN, sC, sH, sW = xpad.strides
-    windows = as_strided(xpad, shape=(C, KH, KW, N, OH, OW),
-                         strides=(sC, sH, sW, sN, sH * sh, sW * sw), writeable=False)
-    cols = np.empty((C, KH, KW, N, OH, OW), dtype=x.dtype)
-    np.copyto(cols, windows)                                         # (C, KH, KW, N, OH, OW)
-    return cols.reshape(C * KH * KW, N * OH * OW)
+    xpad = padded_chwn(x, *pad)                                       # (C, Hp, Wp, N)
+    sC, sH, sW, sN = xpad.strides
+    windows = as_strided(xpad, shape=(C, KH, KW, OH, OW, N),
+                         strides=(sC, sH, sW, sH * sh, sW * sw, sN), writeable=False)
+    cols = np.empty((C, KH, KW, OH, OW, N), dtype=x.dtype)
+    parallel_copyto(cols, windows)                                    # (C, KH, KW, OH, OW, N)
+    return cols.reshape(C * KH * KW, OH * OW * N)
+
+
+def padded_chwn(x, ph: int, pw: int):
+    """x (N, C, H, W) -> (C, H + 2*ph, W + 2*pw, N), contiguous, zero-padded: the
+    (C, H, W, N) view of x, copied only if padding is asked for or x is not CHWN already."""
+    N, C, H, W = x.shape
+    xt = x.transpose(1, 2, 3, 0)                                      # (C, H, W, N) view
+    if ph == 0 and pw == 0:
+        return np.ascontiguousarray(xt)
+    xpad = np.empty((C, H + 2 * ph, W + 2 * pw, N), dtype=x.dtype)    # (C, Hp, Wp, N)
+    xpad[:, :ph] = 0
+    xpad[:, ph + H:] = 0
+    xpad[:, ph:ph + H, :pw] = 0
+    xpad[:, ph:ph + H, pw + W:] = 0
+    parallel_copyto(xpad[:, ph:ph + H, pw:pw + W], xt)
+    return xpad
 
 
 def col2im_cpu(cols, x_shape, KH: int, KW: int, stride: tuple, pad: tuple):
-    """The adjoint of im2col: cols (C*KH*KW, N*OH*OW) -> dx (N, C, H, W), as col2im_naive.
+    """The adjoint of im2col: cols (C*KH*KW, OH*OW*N) -> dx (N, C, H, W), as col2im_naive.
 
     Every column entry is added back to the input pixel it was copied from;
     pixels shared by overlapping windows collect several contributions. One
     strided slice per kernel offset (kh, kw) covers that offset in every window.
+    dx is returned as a view of a CHWN array.
     """
     N, C, H, W = x_shape
     sh, sw = stride
     ph, pw = pad
     OH, OW = out_size(H, KH, sh, ph), out_size(W, KW, sw, pw)
-    cols6 = cols.reshape(C, KH, KW, N, OH, OW)
-    dxpad = np.zeros((N, C, H + 2 * ph, W + 2 * pw), dtype=cols.dtype)   # (N, C, Hp, Wp)
+    cols6 = cols.reshape(C, KH, KW, OH, OW, N)
+    dxpad = np.zeros((C, H + 2 * ph, W + 2 * pw, N), dtype=cols.dtype)   # (C, Hp, Wp, N)
     for kh in range(KH):
         for kw in range(KW):
-            dxpad[:, :, kh:kh + sh * OH:sh, kw:kw + sw * OW:sw] += cols6[:, kh, kw].transpose(1, 0, 2, 3)
-    return dxpad[:, :, ph:ph + H, pw:pw + W]                          # (N, C, H, W)
+            dxpad[:, kh:kh + sh * OH:sh, kw:kw + sw * OW:sw] += cols6[:, kh, kw]   # (C, OH, OW, N)
+    return dxpad[:, ph:ph + H, pw:pw + W].transpose(3, 0, 1, 2)       # (N, C, H, W) view
 
 
 def maxpool_forward_cpu(x, KH: int, KW: int, stride: tuple, pad: tuple):
@@ -114,9 +165,9 @@ def maxpool_forward_cpu(x, KH: int, KW: int, stride: tuple, pad: tuple):
     sh, sw = stride
     OH, OW = out_size(H, KH, sh, pad[0]), out_size(W, KW, sw, pad[1])
     xpad = pad_input(x, *pad, value=-np.inf)                          # (N, C, Hp, Wp)
-    out = xpad[:, :, 0:sh * OH:sh, 0:sw * OW:sw].copy()                # (N, C, OH, OW)
-    argmax = np.zeros((N, C, OH, OW), dtype=np.int8 if KH * KW <= 127 else np.int32)
-    better = np.empty((N, C, OH, OW), dtype=bool)                      # (N, C, OH, OW)
+    out = xpad[:, :, 0:sh * OH:sh, 0:sw * OW:sw].copy(order="K")       # (N, C, OH, OW), laid out as x
+    argmax = np.zeros_like(out, dtype=np.int8 if KH * KW <= 127 else np.int32)
+    better = np.empty_like(out, dtype=bool)                            # (N, C, OH, OW)
     for kh in range(KH):
         for kw in range(KW):
             if kh == 0 and kw == 0:
@@ -125,7 +176,7 @@ def maxpool_forward_cpu(x, KH: int, KW: int, stride: tuple, pad: tuple):
             np.greater(cand, out, out=better)                          # strictly larger only,
             better |= np.isnan(cand)                                   # or NaN (PyTorch: the last NaN)
             np.maximum(out, cand, out=out)                             # NaN propagates
-            argmax = np.where(better, argmax.dtype.type(kh * KW + kw), argmax)
+            np.copyto(argmax, kh * KW + kw, where=better)
     return out, argmax
 
 
@@ -148,8 +199,8 @@ def maxpool_backward_cpu(dout, argmax, x_shape, KH: int, KW: int, stride: tuple,
     Hp, Wp = H + 2 * ph, W + 2 * pw
     disjoint = sh >= KH and sw >= KW
     tiles = (sh, sw) == (KH, KW) and (sh * OH, sw * OW) == (Hp, Wp)
-    dxpad = (np.empty if tiles else np.zeros)((N, C, Hp, Wp), dtype=dout.dtype)  # (N, C, Hp, Wp)
-    hit = np.empty(argmax.shape, dtype=bool)                           # (N, C, OH, OW)
+    dxpad = (np.empty_like if tiles else np.zeros_like)(dout, shape=(N, C, Hp, Wp))  # (N, C, Hp, Wp), laid out as dout
+    hit = np.empty_like(argmax, dtype=bool)                            # (N, C, OH, OW)
     for kh in range(KH):
         for kw in range(KW):
             target = dxpad[:, :, kh:kh + sh * OH:sh, kw:kw + sw * OW:sw]   # (N, C, OH, OW) view

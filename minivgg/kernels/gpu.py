@@ -49,46 +49,58 @@ def _i32(*values):
     return tuple(np.int32(v) for v in values)
 
 
+def chwn(x):
+    """x (N, C, H, W) -> its (C, H, W, N) view, copied only if not already contiguous so
+    (inside a network it is: Conv2d's outputs are CHWN in memory)."""
+    return cp.ascontiguousarray(x.transpose(1, 2, 3, 0))
+
+
+def as_nchw(a):
+    """a (C, H, W, N) -> its (N, C, H, W) view."""
+    return a.transpose(3, 0, 1, 2)
+
+
 def im2col_gpu(x, KH: int, KW: int, stride: tuple, pad: tuple):
-    """x (N, C, H, W) -> cols (C*KH*KW, N*OH*OW), as im2col_cpu."""
+    """x (N, C, H, W) -> cols (C*KH*KW, OH*OW*N), as im2col_cpu."""
     N, C, H, W = x.shape
     OH, OW = out_size(H, KH, stride[0], pad[0]), out_size(W, KW, stride[1], pad[1])
-    cols = cp.empty((C * KH * KW, N * OH * OW), dtype=x.dtype)
-    _launch(_kernel("im2col", x.dtype), cols.size, cp.ascontiguousarray(x), cols,
+    cols = cp.empty((C * KH * KW, OH * OW * N), dtype=x.dtype)
+    _launch(_kernel("im2col", x.dtype), cols.size, chwn(x), cols,
             *_i32(N, C, H, W, KH, KW, OH, OW, stride[0], stride[1], pad[0], pad[1]))
     return cols
 
 
 def col2im_gpu(cols, x_shape, KH: int, KW: int, stride: tuple, pad: tuple):
-    """cols (C*KH*KW, N*OH*OW) -> dx (N, C, H, W), as col2im_cpu."""
+    """cols (C*KH*KW, OH*OW*N) -> dx (N, C, H, W) (a view of a CHWN array), as col2im_cpu."""
     N, C, H, W = x_shape
     OH, OW = out_size(H, KH, stride[0], pad[0]), out_size(W, KW, stride[1], pad[1])
-    dx = cp.empty((N, C, H, W), dtype=cols.dtype)
+    dx = cp.empty((C, H, W, N), dtype=cols.dtype)
     _launch(_kernel("col2im", cols.dtype), dx.size, cp.ascontiguousarray(cols), dx,
             *_i32(N, C, H, W, KH, KW, OH, OW, stride[0], stride[1], pad[0], pad[1]))
-    return dx
+    return as_nchw(dx)
 
 
 def maxpool_forward_gpu(x, KH: int, KW: int, stride: tuple, pad: tuple):
-    """x (N, C, H, W) -> (out, argmax), both (N, C, OH, OW); argmax is int32 kh*KW + kw."""
+    """x (N, C, H, W) -> (out, argmax), both (N, C, OH, OW) views of CHWN arrays; argmax is
+    int32 kh*KW + kw."""
     N, C, H, W = x.shape
     OH, OW = out_size(H, KH, stride[0], pad[0]), out_size(W, KW, stride[1], pad[1])
-    out = cp.empty((N, C, OH, OW), dtype=x.dtype)
-    argmax = cp.empty((N, C, OH, OW), dtype=cp.int32)
-    _launch(_kernel("maxpool_forward", x.dtype), out.size, cp.ascontiguousarray(x), out, argmax,
-            np.int64(N * C), *_i32(H, W, KH, KW, OH, OW, stride[0], stride[1], pad[0], pad[1]))
-    return out, argmax
+    out = cp.empty((C, OH, OW, N), dtype=x.dtype)
+    argmax = cp.empty((C, OH, OW, N), dtype=cp.int32)
+    _launch(_kernel("maxpool_forward", x.dtype), out.size, chwn(x), out, argmax,
+            *_i32(N, C, H, W, KH, KW, OH, OW, stride[0], stride[1], pad[0], pad[1]))
+    return as_nchw(out), as_nchw(argmax)
 
 
 def maxpool_backward_gpu(dout, argmax, x_shape, KH: int, KW: int, stride: tuple, pad: tuple):
-    """dout (N, C, OH, OW) -> dx (N, C, H, W), as maxpool_backward_cpu."""
+    """dout (N, C, OH, OW) -> dx (N, C, H, W) (a view of a CHWN array), as maxpool_backward_cpu."""
     N, C, H, W = x_shape
     OH, OW = dout.shape[2:]
-    dx = cp.empty((N, C, H, W), dtype=dout.dtype)
-    _launch(_kernel("maxpool_backward", dout.dtype), dx.size, cp.ascontiguousarray(dout),
-            cp.ascontiguousarray(argmax.astype(cp.int32, copy=False)), dx,
-            np.int64(N * C), *_i32(H, W, KH, KW, OH, OW, stride[0], stride[1], pad[0], pad[1]))
-    return dx
+    dx = cp.empty((C, H, W, N), dtype=dout.dtype)
+    _launch(_kernel("maxpool_backward", dout.dtype), dx.size, chwn(dout),
+            chwn(argmax.astype(cp.int32, copy=False)), dx,
+            *_i32(N, C, H, W, KH, KW, OH, OW, stride[0], stride[1], pad[0], pad[1]))
+    return as_nchw(dx)
 
 
 def uniform_gpu(shape, seed: int, offset: int):

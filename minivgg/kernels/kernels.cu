@@ -33,37 +33,41 @@ __device__ __forceinline__ int window_at(int y, int k, int pad, int stride, int 
     return o < out ? o : -1;
 }
 
-// cols (C, KH, KW, N, OH, OW) <- x (N, C, H, W): element (c, kh, kw, b, oh, ow) is the pixel
-// x[b, c, oh*sh - ph + kh, ow*sw - pw + kw], or 0 where that falls in the padding.
+// Layout: every feature map here is CHWN, channel-major with the batch innermost, as
+// kernels/cpu.py explains (gpu.py hands the kernels CHWN arrays and returns NCHW views).
+// Element (b, c, y, x) of a C x H x W map of N images sits at ((c * H + y) * W + x) * N + b.
+
+// cols (C, KH, KW, OH, OW, N) <- x (C, H, W, N): element (c, kh, kw, oh, ow, b) is the pixel
+// x[c, oh*sh - ph + kh, ow*sw - pw + kw, b], or 0 where that falls in the padding.
 template <typename T>
 __global__ void im2col(const T* x, T* cols, int N, int C, int H, int W, int KH, int KW,
                        int OH, int OW, int sh, int sw, int ph, int pw) {
-    const long long total = (long long)C * KH * KW * N * OH * OW;
+    const long long total = (long long)C * KH * KW * OH * OW * N;
     GRID_STRIDE_LOOP(i, total) {
         long long t = i;
+        const int b  = t % N;   t /= N;
         const int ow = t % OW;  t /= OW;
         const int oh = t % OH;  t /= OH;
-        const int b  = t % N;   t /= N;
         const int kw = t % KW;  t /= KW;
         const int kh = t % KH;  const int c = t / KH;
         const int y = oh * sh - ph + kh, xx = ow * sw - pw + kw;
         const bool inside = y >= 0 && y < H && xx >= 0 && xx < W;
-        cols[i] = inside ? x[(((long long)b * C + c) * H + y) * W + xx] : static_cast<T>(0.0f);
+        cols[i] = inside ? x[(((long long)c * H + y) * W + xx) * N + b] : static_cast<T>(0.0f);
     }
 }
 
-// dx (N, C, H, W) <- cols, the adjoint of im2col: pixel (y, xx) sums every column entry that
+// dx (C, H, W, N) <- cols, the adjoint of im2col: pixel (y, xx) sums every column entry that
 // was copied from it, at kernel offset (kh, kw) of the output (oy, ox) = window_at(...).
 template <typename T>
 __global__ void col2im(const T* cols, T* dx, int N, int C, int H, int W, int KH, int KW,
                        int OH, int OW, int sh, int sw, int ph, int pw) {
     typedef typename Acc<T>::type acc_t;
-    const long long total = (long long)N * C * H * W;
+    const long long total = (long long)C * H * W * N;
     GRID_STRIDE_LOOP(i, total) {
         long long t = i;
+        const int b  = t % N;  t /= N;
         const int xx = t % W;  t /= W;
-        const int y  = t % H;  t /= H;
-        const int c  = t % C;  const int b = t / C;
+        const int y  = t % H;  const int c = t / H;
         acc_t acc = 0;
         for (int kh = 0; kh < KH; ++kh) {
             const int oy = window_at(y, kh, ph, sh, OH);
@@ -72,27 +76,28 @@ __global__ void col2im(const T* cols, T* dx, int N, int C, int H, int W, int KH,
                 const int ox = window_at(xx, kw, pw, sw, OW);
                 if (ox < 0) continue;
                 const long long row = ((long long)c * KH + kh) * KW + kw;
-                acc += static_cast<acc_t>(cols[((row * N + b) * OH + oy) * OW + ox]);
+                acc += static_cast<acc_t>(cols[((row * OH + oy) * OW + ox) * N + b]);
             }
         }
         dx[i] = static_cast<T>(acc);
     }
 }
 
-// out, argmax (N, C, OH, OW) <- x (N, C, H, W): the window maximum and its offset kh*KW + kw.
+// out, argmax (C, OH, OW, N) <- x (C, H, W, N): the window maximum and its offset kh*KW + kw.
 // As PyTorch: padding never wins (only in-bounds pixels are read), the first maximum wins a
 // tie (only a strictly larger value replaces it), and NaN propagates (a NaN always replaces,
 // so a window holding NaN yields NaN, at its last NaN).
 template <typename T>
-__global__ void maxpool_forward(const T* x, T* out, int* argmax, long long NC, int H, int W,
+__global__ void maxpool_forward(const T* x, T* out, int* argmax, int N, int C, int H, int W,
                                 int KH, int KW, int OH, int OW, int sh, int sw, int ph, int pw) {
     typedef typename Acc<T>::type acc_t;
-    const long long total = NC * OH * OW;
+    const long long total = (long long)C * OH * OW * N;
     GRID_STRIDE_LOOP(i, total) {
         long long t = i;
+        const int b  = t % N;   t /= N;
         const int ow = t % OW;  t /= OW;
-        const int oh = t % OH;  const long long nc = t / OH;
-        const T* plane = x + nc * H * W;
+        const int oh = t % OH;  const int c = t / OH;
+        const T* plane = x + (long long)c * H * W * N + b;   // x[c, :, :, b], N apart
         int best_at = -1;
         acc_t best = 0;
         for (int kh = 0; kh < KH; ++kh) {
@@ -101,7 +106,7 @@ __global__ void maxpool_forward(const T* x, T* out, int* argmax, long long NC, i
             for (int kw = 0; kw < KW; ++kw) {
                 const int xx = ow * sw - pw + kw;
                 if (xx < 0 || xx >= W) continue;
-                const acc_t v = static_cast<acc_t>(plane[y * W + xx]);
+                const acc_t v = static_cast<acc_t>(plane[((long long)y * W + xx) * N]);
                 if (best_at < 0 || v > best || v != v) { best = v; best_at = kh * KW + kw; }
             }
         }
@@ -110,18 +115,18 @@ __global__ void maxpool_forward(const T* x, T* out, int* argmax, long long NC, i
     }
 }
 
-// dx (N, C, H, W) <- dout (N, C, OH, OW): pixel (y, xx) sums dout over the windows whose
+// dx (C, H, W, N) <- dout (C, OH, OW, N): pixel (y, xx) sums dout over the windows whose
 // argmax is this pixel; a pixel that lies in no window gets 0.
 template <typename T>
-__global__ void maxpool_backward(const T* dout, const int* argmax, T* dx, long long NC, int H, int W,
+__global__ void maxpool_backward(const T* dout, const int* argmax, T* dx, int N, int C, int H, int W,
                                  int KH, int KW, int OH, int OW, int sh, int sw, int ph, int pw) {
     typedef typename Acc<T>::type acc_t;
-    const long long total = NC * H * W;
+    const long long total = (long long)C * H * W * N;
     GRID_STRIDE_LOOP(i, total) {
         long long t = i;
+        const int b  = t % N;  t /= N;
         const int xx = t % W;  t /= W;
-        const int y  = t % H;  const long long nc = t / H;
-        const long long base = nc * OH * OW;
+        const int y  = t % H;  const int c = t / H;
         acc_t acc = 0;
         for (int kh = 0; kh < KH; ++kh) {
             const int oy = window_at(y, kh, ph, sh, OH);
@@ -129,7 +134,7 @@ __global__ void maxpool_backward(const T* dout, const int* argmax, T* dx, long l
             for (int kw = 0; kw < KW; ++kw) {
                 const int ox = window_at(xx, kw, pw, sw, OW);
                 if (ox < 0) continue;
-                const long long o = base + (long long)oy * OW + ox;
+                const long long o = (((long long)c * OH + oy) * OW + ox) * N + b;
                 if (argmax[o] == kh * KW + kw) acc += static_cast<acc_t>(dout[o]);
             }
         }

@@ -21,12 +21,19 @@ class Conv2d(Layer):
         OH = floor((H + 2*ph - KH) / sh) + 1,   OW = floor((W + 2*pw - KW) / sw) + 1
 
     Forward: im2col copies every KHxKW window of x into a column, so the whole
-    convolution is one matrix product. With cols = im2col(x) (C*KH*KW, N*OH*OW)
+    convolution is one matrix product. With cols = im2col(x) (C*KH*KW, OH*OW*N)
     and Wm = weight.reshape(F, C*KH*KW):
-        out = Wm @ cols + b                  (F, N*OH*OW), reordered to (N, F, OH, OW)
+        out = Wm @ cols + b                  (F, OH*OW*N), seen as (N, F, OH, OW)
 
-    Backward: with D = dout reordered to (F, N*OH*OW), the chain rule through
-    that product gives
+    Layout: the columns run (oh, ow, n), the batch innermost, so the product
+    (F, OH*OW*N) is the output with its memory in channel, row, column, image
+    order (CHWN). out is that array seen through transposed strides as
+    (N, F, OH, OW), not a copy; the layers after it read it as NCHW and keep
+    its memory order, and the next convolution's im2col reads it fastest in
+    exactly that order. NCHW copies happen only at a network's edges.
+
+    Backward: with D = dout seen as (F, OH*OW*N) (again a view when dout is
+    CHWN in memory), the chain rule through that product gives
         dL/db  = D summed over its columns                   (F,)
         dL/dWm = D @ cols^T                                   (F, C*KH*KW)
         dL/dx  = col2im(Wm^T @ D)                             (N, C, H, W)
@@ -35,9 +42,9 @@ class Conv2d(Layer):
     With stride 1 the same dL/dx is itself a convolution: dout, padded by
     K-1-p, correlated with the kernel flipped in space and with its F and C
     axes swapped (input_grad_by_flipped_kernel, derived there). That runs as
-    im2col + GEMM again and avoids col2im's scattered adds, so backward uses it
-    when flipped_kernel_applies: stride 1, padding < kernel, F <= 4*C
-    (tests/test_reference.py checks both paths against the loop reference).
+    im2col + GEMM again, and backward uses it when flipped_kernel_applies:
+    stride 1, padding < kernel, F <= C (tests/test_reference.py checks both
+    paths against the loop reference).
 
     Memory: cols is KH*KW times the size of x, so the batch is processed in
     chunks that fit the workspace limit (minivgg.kernels.set_workspace_limit).
@@ -100,8 +107,8 @@ class Conv2d(Layer):
             batch_chunks(N, C * KH * KW * OH * OW * x.itemsize)
         for s in chunks:
             cols = kept_cols if kept_cols is not None else \
-                im2col(x[s], KH, KW, self.stride, self.padding)           # (C*KH*KW, n*OH*OW)
-            D = dout[s].transpose(1, 0, 2, 3).reshape(F, -1)              # (F, n*OH*OW)
+                im2col(x[s], KH, KW, self.stride, self.padding)           # (C*KH*KW, OH*OW*n)
+            D = dout[s].transpose(1, 2, 3, 0).reshape(F, -1)              # (F, OH*OW*n)
             dWm += D @ cols.T                                             # (F, C*KH*KW)
             if by_col2im:  # the textbook dL/dx: each column entry back onto its pixel
                 dx[s] = col2im(Wm.T @ D, x[s].shape, KH, KW, self.stride, self.padding)  # (n, C, H, W)
@@ -118,33 +125,40 @@ class Conv2d(Layer):
 
 
 def correlate(x, Wm, KH, KW, stride, pad, keep_cols=False):
-    """out = Wm @ im2col(x), reordered to NCHW: the convolution without its bias.
+    """out = Wm @ im2col(x), seen as NCHW: the convolution without its bias.
 
-    x (N, C, H, W), Wm (F, C*KH*KW) -> out (N, F, OH, OW), processed in batch
-    chunks that fit the workspace. Returns (out, cols); cols (C*KH*KW, N*OH*OW)
-    only when keep_cols and the batch fit in a single chunk, else None.
+    x (N, C, H, W), Wm (F, C*KH*KW) -> out (N, F, OH, OW), a view of an
+    (F, OH, OW, N) array (CHWN in memory). The batch is processed in chunks
+    that fit the workspace. Returns (out, cols); cols (C*KH*KW, OH*OW*N) only
+    when keep_cols and the batch fit in a single chunk, else None.
     """
     N, C, H, W = x.shape
     F = Wm.shape[0]
     OH, OW = out_size(H, KH, stride[0], pad[0]), out_size(W, KW, stride[1], pad[1])
     xp = backend.get_array_module(x)
-    out = xp.empty((N, F, OH, OW), dtype=x.dtype)                         # (N, F, OH, OW)
     chunks = batch_chunks(N, C * KH * KW * OH * OW * x.itemsize)
+    if len(chunks) == 1:
+        cols = im2col(x, KH, KW, stride, pad)                             # (C*KH*KW, OH*OW*N)
+        y = (Wm @ cols).reshape(F, OH, OW, N)                             # (F, OH, OW, N)
+        return y.transpose(3, 0, 1, 2), (cols if keep_cols else None)     # (N, F, OH, OW) view
+    y = xp.empty((F, OH, OW, N), dtype=x.dtype)                           # (F, OH, OW, N)
     for s in chunks:
-        cols = im2col(x[s], KH, KW, stride, pad)                          # (C*KH*KW, n*OH*OW)
-        y = Wm @ cols                                                     # (F, n*OH*OW)
-        out[s] = y.reshape(F, -1, OH, OW).transpose(1, 0, 2, 3)           # (n, F, OH, OW)
-    return out, (cols if keep_cols and len(chunks) == 1 else None)
+        cols = im2col(x[s], KH, KW, stride, pad)                          # (C*KH*KW, OH*OW*n)
+        y[..., s] = (Wm @ cols).reshape(F, OH, OW, -1)                    # (F, OH, OW, n)
+    return y.transpose(3, 0, 1, 2), None                                  # (N, F, OH, OW) view
 
 
 def flipped_kernel_applies(kernel_size, stride, padding, F: int, C: int) -> bool:
     """When Conv2d.backward computes dL/dx by input_grad_by_flipped_kernel: all three of
     stride 1 (then every dout entry is one window position, with no gaps between),
-    padding < kernel (the pad K-1-p it needs is not negative), and F <= 4*C (its
-    columns are built from dout's F channels instead of x's C: worth it unless F is
-    much larger than C)."""
+    padding < kernel (the pad K-1-p it needs is not negative), and F <= C. Its
+    columns come from dout's F channels, F*KH*KW rows, where col2im's product
+    Wm^T @ D has C*KH*KW: with F > C the flip copies more and needs more memory,
+    and col2im's adds, over runs of N numbers in the CHWN layout, cost less
+    (VGG-11 at 32x32: the flip is 5-10% faster at F == C, col2im 10-20% faster
+    at F == 2C; benchmarks/conv_speed.py)."""
     (KH, KW), (sh, sw), (ph, pw) = kernel_size, stride, padding
-    return (sh, sw) == (1, 1) and ph < KH and pw < KW and F <= 4 * C
+    return (sh, sw) == (1, 1) and ph < KH and pw < KW and F <= C
 
 
 def input_grad_by_flipped_kernel(dout, weight, padding):
