@@ -211,6 +211,8 @@ def working_copy(model: Layer) -> Layer:
         memo[id(m.buffers)] = m.buffers
         if m.cache is not None:
             memo[id(m.cache)] = None
+        if getattr(m, "spare", None) is not None:
+            memo[id(m.spare)] = None
         rng = getattr(m, "_rng", None)
         if rng is not None:
             memo[id(rng)] = rng

@@ -46,11 +46,12 @@ def _gpu():
     return gpu
 
 
-def im2col(x, KH, KW, stride, pad):
-    """x (N, C, H, W) -> cols (C*KH*KW, N*OH*OW)."""
+def im2col(x, KH, KW, stride, pad, out=None):
+    """x (N, C, H, W) -> cols (C*KH*KW, OH*OW*N), written into `out` if given (a contiguous
+    array of that shape, reused to spare an allocation)."""
     if is_gpu_array(x):
-        return _gpu().im2col_gpu(x, KH, KW, stride, pad)
-    return im2col_cpu(x, KH, KW, stride, pad)
+        return _gpu().im2col_gpu(x, KH, KW, stride, pad, out)
+    return im2col_cpu(x, KH, KW, stride, pad, out)
 
 
 def col2im(cols, x_shape, KH, KW, stride, pad):

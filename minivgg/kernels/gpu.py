@@ -60,11 +60,11 @@ def as_nchw(a):
     return a.transpose(3, 0, 1, 2)
 
 
-def im2col_gpu(x, KH: int, KW: int, stride: tuple, pad: tuple):
-    """x (N, C, H, W) -> cols (C*KH*KW, OH*OW*N), as im2col_cpu."""
+def im2col_gpu(x, KH: int, KW: int, stride: tuple, pad: tuple, out=None):
+    """x (N, C, H, W) -> cols (C*KH*KW, OH*OW*N), as im2col_cpu (into `out` if given)."""
     N, C, H, W = x.shape
     OH, OW = out_size(H, KH, stride[0], pad[0]), out_size(W, KW, stride[1], pad[1])
-    cols = cp.empty((C * KH * KW, OH * OW * N), dtype=x.dtype)
+    cols = cp.empty((C * KH * KW, OH * OW * N), dtype=x.dtype) if out is None else out
     _launch(_kernel("im2col", x.dtype), cols.size, chwn(x), cols,
             *_i32(N, C, H, W, KH, KW, OH, OW, stride[0], stride[1], pad[0], pad[1]))
     return cols

@@ -105,6 +105,8 @@ class Layer:
                     if a is not None:
                         d[k] = backend.to_device(a, device)
             m.cache = None
+            if hasattr(m, "spare"):
+                m.spare = None    # a Conv2d's reusable columns, on the old device
         return self
 
     def astype(self, dtype) -> "Layer":
@@ -116,6 +118,8 @@ class Layer:
                         d[k] = a.astype(dtype)
             m.grads = {}
             m.cache = None
+            if hasattr(m, "spare"):
+                m.spare = None    # a Conv2d's reusable columns, in the old dtype
         return self
 
     def zero_grad(self) -> None:

@@ -50,6 +50,9 @@ class Conv2d(Layer):
     chunks that fit the workspace limit (minivgg.kernels.set_workspace_limit).
     When the batch fits in one chunk, forward keeps cols for dL/dW, and
     backward uses them as they are even if the limit has changed since.
+    Once dL/dW is made, backward writes its dL/dx columns into that same
+    memory, and the next forward its columns: a step allocates no new
+    columns (fresh pages cost the kernel a page fault each).
     Set needs_input_grad = False on a network's first layer to skip dL/dx.
     """
 
@@ -64,6 +67,7 @@ class Conv2d(Layer):
             raise ValueError(f"Conv2d: kernel_size and stride must be >= 1 and padding >= 0, got "
                              f"{self.kernel_size}, {self.stride}, {self.padding}")
         self.needs_input_grad = True
+        self.spare = None    # the last columns' memory, reused by the next forward and backward
         KH, KW = self.kernel_size
         # PyTorch's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
         bound = 1.0 / math.sqrt(in_channels * KH * KW)
@@ -82,7 +86,9 @@ class Conv2d(Layer):
                              "use a larger image or more padding")
         F = self.out_channels
         Wm = self.params["weight"].reshape(F, C * KH * KW)               # (F, C*KH*KW)
-        out, cols = correlate(x, Wm, KH, KW, self.stride, self.padding, keep_cols=True)  # (N, F, OH, OW)
+        out, cols = correlate(x, Wm, KH, KW, self.stride, self.padding, keep_cols=True,
+                              spare=self.spare)                                  # (N, F, OH, OW)
+        self.spare = cols          # None when the batch took several chunks
         if "bias" in self.params:
             out += self.params["bias"].reshape(1, F, 1, 1)
         self.cache = (x, cols)     # cols is None when the batch took several chunks
@@ -111,12 +117,17 @@ class Conv2d(Layer):
             D = dout[s].transpose(1, 2, 3, 0).reshape(F, -1)              # (F, OH*OW*n)
             dWm += D @ cols.T                                             # (F, C*KH*KW)
             if by_col2im:  # the textbook dL/dx: each column entry back onto its pixel
-                dx[s] = col2im(Wm.T @ D, x[s].shape, KH, KW, self.stride, self.padding)  # (n, C, H, W)
+                dcols = reuse(self.spare, cols.shape, x) if kept_cols is not None else None
+                dcols = xp.matmul(Wm.T, D, out=dcols)                     # (C*KH*KW, OH*OW*n)
+                dx[s] = col2im(dcols, x[s].shape, KH, KW, self.stride, self.padding)  # (n, C, H, W)
         self.grads["weight"] = dWm.reshape(F, C, KH, KW)                  # (F, C, KH, KW)
         if "bias" in self.params:
             self.grads["bias"] = dout.sum(axis=(0, 2, 3))                 # (F,)
         if by_flip:    # the same dL/dx, as a convolution of dout (faster: no scattered adds)
-            dx = input_grad_by_flipped_kernel(dout, self.params["weight"], self.padding)  # (N, C, H, W)
+            dx = input_grad_by_flipped_kernel(dout, self.params["weight"], self.padding,
+                                              spare=self.spare if kept_cols is not None else None)
+        if self.needs_input_grad and kept_cols is not None:
+            self.cache = (x, None)   # its columns now hold dL/dx's: a second backward rebuilds them
         return dx
 
     def __repr__(self):
@@ -124,13 +135,14 @@ class Conv2d(Layer):
                 f"stride={self.stride}, padding={self.padding}, bias={'bias' in self.params})")
 
 
-def correlate(x, Wm, KH, KW, stride, pad, keep_cols=False):
+def correlate(x, Wm, KH, KW, stride, pad, keep_cols=False, spare=None):
     """out = Wm @ im2col(x), seen as NCHW: the convolution without its bias.
 
     x (N, C, H, W), Wm (F, C*KH*KW) -> out (N, F, OH, OW), a view of an
     (F, OH, OW, N) array (CHWN in memory). The batch is processed in chunks
     that fit the workspace. Returns (out, cols); cols (C*KH*KW, OH*OW*N) only
-    when keep_cols and the batch fit in a single chunk, else None.
+    when keep_cols and the batch fit in a single chunk, else None. The columns
+    go into spare's memory when it is large enough (see reuse).
     """
     N, C, H, W = x.shape
     F = Wm.shape[0]
@@ -138,7 +150,8 @@ def correlate(x, Wm, KH, KW, stride, pad, keep_cols=False):
     xp = backend.get_array_module(x)
     chunks = batch_chunks(N, C * KH * KW * OH * OW * x.itemsize)
     if len(chunks) == 1:
-        cols = im2col(x, KH, KW, stride, pad)                             # (C*KH*KW, OH*OW*N)
+        cols = im2col(x, KH, KW, stride, pad,
+                      out=reuse(spare, (C * KH * KW, OH * OW * N), x))    # (C*KH*KW, OH*OW*N)
         y = (Wm @ cols).reshape(F, OH, OW, N)                             # (F, OH, OW, N)
         return y.transpose(3, 0, 1, 2), (cols if keep_cols else None)     # (N, F, OH, OW) view
     y = xp.empty((F, OH, OW, N), dtype=x.dtype)                           # (F, OH, OW, N)
@@ -161,7 +174,7 @@ def flipped_kernel_applies(kernel_size, stride, padding, F: int, C: int) -> bool
     return (sh, sw) == (1, 1) and ph < KH and pw < KW and F <= C
 
 
-def input_grad_by_flipped_kernel(dout, weight, padding):
+def input_grad_by_flipped_kernel(dout, weight, padding, spare=None):
     """dL/dx of a stride-1 convolution, computed as a convolution of dout.
 
     dout (N, F, OH, OW), weight (F, C, KH, KW) -> dx (N, C, H, W). On one axis,
@@ -175,8 +188,17 @@ def input_grad_by_flipped_kernel(dout, weight, padding):
     xp = backend.get_array_module(dout)
     W_flip = weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)                   # (C, F, KH, KW)
     W_flip = xp.ascontiguousarray(W_flip).reshape(C, F * KH * KW)             # (C, F*KH*KW)
-    dx, _ = correlate(dout, W_flip, KH, KW, (1, 1), (KH - 1 - ph, KW - 1 - pw))  # (N, C, H, W)
+    dx, _ = correlate(dout, W_flip, KH, KW, (1, 1), (KH - 1 - ph, KW - 1 - pw), spare=spare)  # (N, C, H, W)
     return dx
+
+
+def reuse(spare, shape, like):
+    """spare's memory seen as a `shape` array, if spare is an array of like's kind and dtype
+    with room for it; else None (and the caller allocates)."""
+    n = math.prod(shape)
+    if spare is None or type(spare) is not type(like) or spare.dtype != like.dtype or spare.size < n:
+        return None
+    return spare.reshape(-1)[:n].reshape(shape)
 
 
 # ---------------------------------------------------------------------------

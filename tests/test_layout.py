@@ -1,0 +1,95 @@
+# Inside a network minivgg's feature maps are CHWN in memory and NCHW in shape (kernels/cpu.py).
+# These tests pin that down: where the layout comes from, that every layer gives the same numbers
+# whatever the layout of its input, and that a Conv2d's reused column memory never leaks into
+# a result.
+import numpy as np
+import pytest
+
+from minivgg import backend
+from minivgg.layers import BatchNorm2d, Conv2d, MaxPool2d, ReLU
+from minivgg.models import VGG
+
+DEVICES = ["cpu"] + (["gpu"] if backend.cupy is not None else [])
+
+
+def chwn(a):
+    """The same (N, C, H, W) values with CHWN memory."""
+    xp = backend.get_array_module(a)
+    return xp.ascontiguousarray(a.transpose(1, 2, 3, 0)).transpose(3, 0, 1, 2)
+
+
+def is_chwn(a) -> bool:
+    N, C, H, W = a.shape
+    item = a.dtype.itemsize
+    return a.strides == (item, H * W * N * item, W * N * item, N * item)
+
+
+def test_a_convolution_hands_on_chwn_memory_without_copying():
+    x = np.random.default_rng(0).standard_normal((4, 3, 8, 8), dtype=np.float32)
+    conv = Conv2d(3, 5, 3, padding=1)
+    out = conv.forward(x)
+    assert out.shape == (4, 5, 8, 8) and is_chwn(out)
+    assert not is_chwn(np.ascontiguousarray(out))       # the check can tell the two apart
+
+
+def test_the_layout_survives_a_vgg_feature_stack():
+    """Every conv after the first gets CHWN memory: ReLU, BatchNorm and max-pool keep it."""
+    model = VGG("vgg11_bn", num_classes=10, in_channels=1, width_ratio=16, pool_size=1, hidden=(16, 16))
+    seen = []
+    for layer in model.features:
+        if isinstance(layer, Conv2d):
+            original = layer.forward
+            layer.forward = lambda x, f=original: (seen.append(x), f(x))[1]
+    x = np.random.default_rng(0).standard_normal((2, 1, 32, 32), dtype=np.float32)
+    model.forward(x)
+    assert len(seen) == 8 and not is_chwn(seen[0]) and all(is_chwn(a) for a in seen[1:])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("make", [lambda: Conv2d(4, 6, 3, padding=1), lambda: Conv2d(6, 4, 3, padding=1),
+                                  lambda: Conv2d(4, 6, 3, stride=2), lambda: MaxPool2d(2),
+                                  lambda: MaxPool2d(3, stride=2, padding=1), lambda: BatchNorm2d(4),
+                                  lambda: ReLU()],
+                         ids=["conv_col2im", "conv_flip", "conv_stride2", "pool2", "pool3s2p1", "bn", "relu"])
+def test_every_layer_gives_the_same_numbers_for_either_layout(device, make):
+    rng = np.random.default_rng(1)
+    C = 6 if "6, 4" in repr(make()) else 4
+    x = rng.standard_normal((3, C, 9, 9))
+    results = []
+    for layout in (lambda a: a, chwn):
+        backend.seed(0)                                   # the same weights both times
+        layer = make().astype(np.float64).to(device)
+        xd = layout(backend.to_device(x, device))
+        out = layer.forward(xd)
+        dout = layout(backend.to_device(np.random.default_rng(2).standard_normal(out.shape), device))
+        dx = layer.backward(dout)
+        results.append([backend.to_numpy(a) for a in (out, dx, *layer.grads.values())])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("F", [3, 8], ids=["flip", "col2im"])
+def test_reused_column_memory_never_shows_in_a_result(device, F):
+    """Forward writes its columns into the last step's memory, backward its dL/dx columns into
+    forward's: results equal a fresh layer's, a repeated backward equals the first, and the
+    memory really is reused."""
+    rng = np.random.default_rng(3)
+    backend.seed(0)
+    conv = Conv2d(4, F, 3, padding=1).astype(np.float64).to(device)
+    backend.seed(0)
+    fresh = Conv2d(4, F, 3, padding=1).astype(np.float64).to(device)
+    for step in range(3):
+        x = backend.to_device(rng.standard_normal((2, 4, 6, 6)), device)
+        dout = backend.to_device(rng.standard_normal((2, F, 6, 6)), device)
+        out = conv.forward(x)
+        if step > 0 and device == "cpu":
+            assert np.shares_memory(conv.cache[1], last_spare)
+        last_spare = conv.spare
+        dx = conv.backward(dout)
+        dx_again = conv.backward(dout)          # the columns were overwritten: rebuilt, same answer
+        fresh.spare = None
+        ref_out, ref_dx = fresh.forward(x), fresh.backward(dout)
+        for a, b in [(out, ref_out), (dx, ref_dx), (dx_again, ref_dx),
+                     (conv.grads["weight"], fresh.grads["weight"])]:
+            np.testing.assert_array_equal(backend.to_numpy(a), backend.to_numpy(b))
