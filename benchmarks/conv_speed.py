@@ -126,7 +126,7 @@ def torch_device(device: str) -> torch.device:
     return torch.device("cpu" if device == "cpu" else "cuda")
 
 
-def make_pair(case: ConvCase, device: str = "cpu", seed: int = 0) -> dict:
+def make_pair(case: ConvCase, device: str = "cpu", seed: int = 0, network_layout: bool = True) -> dict:
     """A minivgg Conv2d and torch tensors holding the same weight, bias, input and upstream
     gradient (Kaiming-scaled weights, N(0, 1) data), on `device`."""
     rng = np.random.default_rng(seed)
@@ -145,9 +145,11 @@ def make_pair(case: ConvCase, device: str = "cpu", seed: int = 0) -> dict:
     t = {k: torch.from_numpy(v).to(tdev) for k, v in (("x", x), ("w", w), ("b", b), ("dout", dout))}
     for k in ("x", "w", "b"):
         t[k].requires_grad_(True)
-    mx, mdout = backend.to_device(x, device), chwn(backend.to_device(dout, device))
-    if case.C > 3:                         # not the images: a feature map, CHWN as Conv2d makes it
-        mx = chwn(mx)
+    mx, mdout = backend.to_device(x, device), backend.to_device(dout, device)
+    if network_layout:                     # --nchw-inputs turns this off (for minivgg before the CHWN layout)
+        mdout = chwn(mdout)
+        if case.C > 3:                     # not the images: a feature map, CHWN as Conv2d makes it
+            mx = chwn(mx)
     return {"case": case, "device": device, "layer": layer, "x": mx, "dout": mdout, "torch": t,
             "gemm": gemm_operands(case, device, rng)}
 
@@ -248,9 +250,10 @@ def timed_functions(pair: dict) -> dict:
 
 
 def bench_case(case: ConvCase, device: str = "cpu", repeats: int = 5, warmup: int = 1,
-               min_time: float = 0.0, tol: float = TOL_FP32, seed: int = 0, progress=None) -> dict:
+               min_time: float = 0.0, tol: float = TOL_FP32, seed: int = 0, progress=None,
+               network_layout: bool = True) -> dict:
     """Check, then time, one conv shape; returns errors, timings (seconds) and derived figures."""
-    pair = make_pair(case, device, seed)
+    pair = make_pair(case, device, seed, network_layout)
     errors = check_pair(pair, tol)
 
     def on_round(i):
@@ -380,6 +383,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-time", type=float, default=None,
                    help="seconds a timed repeat should last at least; shorter calls are looped and "
                         "averaged (default: 0.02 on the CPU, 0.05 on the GPU)")
+    p.add_argument("--nchw-inputs", action="store_true",
+                   help="give minivgg NCHW-contiguous x and dout, as versions before the CHWN layout "
+                        "(commit a7112ee and earlier) received them in a network")
     common.add_shared_options(p, checked="the check")
     args = p.parse_args(argv)
     if args.batch is None:
@@ -418,7 +424,7 @@ def main(argv=None) -> dict:
     try:
         for case in cases:
             results.append(bench_case(case, args.device, args.repeats, args.warmup, args.min_time, tol,
-                                      args.seed, progress))
+                                      args.seed, progress, network_layout=not args.nchw_inputs))
     except common.MismatchError as e:
         progress.close()
         raise SystemExit(f"check failed, nothing timed further: {e}")
@@ -428,7 +434,7 @@ def main(argv=None) -> dict:
 
     payload = {"benchmark": "conv_speed", "network": net, "batch": args.batch, "device": args.device,
                "dtype": "float32", "repeats": args.repeats, "warmup": args.warmup, "min_time": args.min_time,
-               "tolerance": tol, "tf32": tf32, "threads": args.threads, "threads_note": threads_note,
+               "tolerance": tol, "tf32": tf32, "nchw_inputs": args.nchw_inputs, "threads": args.threads, "threads_note": threads_note,
                "method": TORCH_METHOD, "gemm_method": GEMM_METHOD, "machine": info, "layers": results, "summary": summary}
     if args.json:
         common.write_json(args.json, payload)

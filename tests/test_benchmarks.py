@@ -66,12 +66,43 @@ def test_conv_bench_case_runs_and_reports_every_part():
     r = conv_speed.bench_case(TINY_CONV, repeats=1, warmup=0)
     assert max(r["rel_err"].values()) < 1e-4
     for part in ("minivgg_forward", "minivgg_backward", "minivgg_total", "torch_forward",
-                 "torch_backward_dx", "torch_backward_dw", "torch_backward", "torch_total"):
+                 "torch_backward_dx", "torch_backward_dw", "torch_backward", "torch_total",
+                 "gemm_forward", "gemm_backward", "gemm_total"):
         assert r["seconds"][part] > 0
     assert r["ratio"]["total"] > 0 and r["gflops"]["torch_total"] > 0
+    assert r["over_gemm"]["total"] == r["seconds"]["minivgg_total"] / r["seconds"]["gemm_total"]
     summary = conv_speed.summarize([r, dict(r, name="again")])
     assert summary["geomean_ratio_total"] == pytest.approx(r["ratio"]["total"])
-    assert "tiny" in conv_speed.format_report([r], summary)
+    assert summary["geomean_over_gemm_total"] == pytest.approx(r["over_gemm"]["total"])
+    assert "tiny" in conv_speed.format_report([r], summary) and "over GEMM" in conv_speed.format_report([r], summary)
+
+
+def test_conv_bench_gives_minivgg_its_network_layout_unless_told_otherwise():
+    def chwn_strides(a):
+        N, C, H, W = a.shape
+        return a.strides == tuple(4 * s for s in (1, H * W * N, W * N, N))
+    deep = conv_speed.ConvCase("deep", N=2, C=8, F=4, H=5, W=6)
+    pair = conv_speed.make_pair(deep)
+    assert chwn_strides(pair["x"]) and chwn_strides(pair["dout"])
+    assert not chwn_strides(conv_speed.make_pair(TINY_CONV)["x"])        # the images stay NCHW
+    old = conv_speed.make_pair(deep, network_layout=False)
+    assert old["x"].flags.c_contiguous and old["dout"].flags.c_contiguous
+
+
+def test_profile_step_accounts_for_the_step():
+    from benchmarks import profile_step
+    config = train_speed.vgg11_32_config(batch=2)
+    config["model"]["width_ratio"] = 16
+    r = profile_step.profile(config, steps=1, warmup=0)
+    parts = r["parts"]
+    for kind in ("Conv2d forward", "Conv2d backward", "ReLU forward", "MaxPool2d backward", "Adam step",
+                 "conv im2col"):
+        assert parts[kind] > 0, kind
+    layer_total = sum(v for k, v in parts.items() if not k.startswith("conv "))
+    assert 0 < layer_total <= r["step_seconds"] * 1.05           # the layers' times fit in the step's
+    assert parts["conv im2col"] < parts["Conv2d forward"] + parts["Conv2d backward"]
+    assert set(r["conv_gemm_seconds"]) == {"forward", "dW", "dx"} and r["conv_gemm_seconds"]["dW"] > 0
+    assert "whole step" in profile_step.report(r)
 
 
 @pytest.mark.parametrize("corrupt", ["weight", "bias"])
