@@ -24,7 +24,7 @@ RULES = {
     "Flatten": "dx = dout reshaped back to (N, C, H, W)",
     "MaxPool2d": "dx = dout routed to each window's argmax, 0 elsewhere",
     "ReLU": "dx = dout * (x > 0)",
-    "Conv2d": "dx = col2im(W^T D),  dW = D cols^T,  db = sum D   (D = dout as (F, N*OH*OW))",
+    "Conv2d": "dx = col2im(W^T D),  dW = D cols^T,  db = sum D   (D = dout as (F, OH*OW*N))",
 }
 
 

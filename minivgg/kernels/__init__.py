@@ -55,7 +55,7 @@ def im2col(x, KH, KW, stride, pad, out=None):
 
 
 def col2im(cols, x_shape, KH, KW, stride, pad):
-    """cols (C*KH*KW, N*OH*OW) -> dx (N, C, H, W), the adjoint of im2col."""
+    """cols (C*KH*KW, OH*OW*N) -> dx (N, C, H, W), the adjoint of im2col."""
     if is_gpu_array(cols):
         return _gpu().col2im_gpu(cols, x_shape, KH, KW, stride, pad)
     return col2im_cpu(cols, x_shape, KH, KW, stride, pad)

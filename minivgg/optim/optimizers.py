@@ -11,7 +11,6 @@ import math
 import numpy as np
 
 from .. import backend
-from ..kernels.cpu import run_on_cores
 
 
 class Optimizer:
@@ -51,7 +50,6 @@ class Optimizer:
     # -- one optimization step ---------------------------------------------------------
     def step(self) -> None:
         """Update every trainable parameter that has a gradient; skip the others."""
-        updates = []
         for name, p, g in self.model.named_parameters():
             if g is None:
                 continue
@@ -59,16 +57,7 @@ class Optimizer:
                 raise ValueError(f"{type(self).__name__}: gradient of '{name}' is {g.dtype} "
                                  f"{tuple(g.shape)}, its parameter is {p.dtype} {tuple(p.shape)}")
             backend.get_array_module(p, g)   # numpy and cupy mixed -> TypeError
-            updates.append((p, g, self.state.setdefault(name, {})))
-        if updates and not backend.is_gpu_array(updates[0][0]):
-            # On the CPU the parameters update side by side, one per core (NumPy lets go of
-            # Python's lock inside each pass); each one's arithmetic is unchanged, so the result
-            # is the same bit for bit. The largest go first, to share the work out evenly.
-            updates.sort(key=lambda u: -u[0].size)
-            run_on_cores([lambda u=u: self._update(*u) for u in updates])
-            return
-        for p, g, state in updates:
-            self._update(p, g, state)
+            self._update(p, g, self.state.setdefault(name, {}))
 
     def _update(self, p, g, state: dict) -> None:
         raise NotImplementedError
