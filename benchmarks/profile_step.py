@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks import train_speed  # noqa: E402
 from minivgg.layers import conv as conv_module  # noqa: E402
-from minivgg.layers import Conv2d, Sequential  # noqa: E402
+from minivgg.layers import Conv2d  # noqa: E402
 from minivgg.losses import SoftmaxCrossEntropy  # noqa: E402
 from minivgg.optim import Adam  # noqa: E402
 from minivgg.train import skip_input_grad  # noqa: E402
@@ -97,7 +97,7 @@ def conv_gemm_seconds(model, x, repeats: int = 5) -> dict:
             (KH, KW), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
             OH, OW = (H + 2 * ph - KH) // sh + 1, (W + 2 * pw - KW) // sw + 1
             shapes.append((layer.out_channels, C * KH * KW, N * OH * OW, layer.needs_input_grad))
-        h = layer.forward(h) if not isinstance(layer, Sequential) else h
+        h = layer.forward(h)
     rng = np.random.default_rng(0)
     total = {"forward": 0.0, "dW": 0.0, "dx": 0.0}
     for F, K, M, dx in shapes:

@@ -46,14 +46,13 @@ def test_the_layout_survives_a_vgg_feature_stack():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("make", [lambda: Conv2d(4, 6, 3, padding=1), lambda: Conv2d(6, 4, 3, padding=1),
-                                  lambda: Conv2d(4, 6, 3, stride=2), lambda: MaxPool2d(2),
-                                  lambda: MaxPool2d(3, stride=2, padding=1), lambda: BatchNorm2d(4),
-                                  lambda: ReLU()],
+@pytest.mark.parametrize("C, make", [(4, lambda: Conv2d(4, 6, 3, padding=1)), (6, lambda: Conv2d(6, 4, 3, padding=1)),
+                                     (4, lambda: Conv2d(4, 6, 3, stride=2)), (4, lambda: MaxPool2d(2)),
+                                     (4, lambda: MaxPool2d(3, stride=2, padding=1)), (4, lambda: BatchNorm2d(4)),
+                                     (4, lambda: ReLU())],
                          ids=["conv_col2im", "conv_flip", "conv_stride2", "pool2", "pool3s2p1", "bn", "relu"])
-def test_every_layer_gives_the_same_numbers_for_either_layout(device, make):
+def test_every_layer_gives_the_same_numbers_for_either_layout(device, C, make):
     rng = np.random.default_rng(1)
-    C = 6 if "6, 4" in repr(make()) else 4
     x = rng.standard_normal((3, C, 9, 9))
     results = []
     for layout in (lambda a: a, chwn):

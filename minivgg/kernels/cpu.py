@@ -46,7 +46,7 @@ _THREADS = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_geta
 _pool, _pool_pid = None, None
 
 
-def _copy_pool() -> ThreadPoolExecutor:
+def _thread_pool() -> ThreadPoolExecutor:
     global _pool, _pool_pid
     if _pool_pid != os.getpid():     # first use, or a forked child (the parent's threads are not in it)
         _pool, _pool_pid = ThreadPoolExecutor(_THREADS, thread_name_prefix="minivgg-cpu"), os.getpid()
@@ -60,10 +60,7 @@ def parallel_copyto(dst, src) -> None:
         np.copyto(dst, src)
         return
     bounds = np.linspace(0, n, min(_THREADS, n) + 1).astype(int)
-    parts = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-    pool = _copy_pool()
-    for f in [pool.submit(np.copyto, dst[s], src[s]) for s in parts]:
-        f.result()
+    run_on_cores([lambda s=slice(a, b): np.copyto(dst[s], src[s]) for a, b in zip(bounds[:-1], bounds[1:])])
 
 
 def run_on_cores(calls) -> None:
@@ -74,7 +71,7 @@ def run_on_cores(calls) -> None:
         for call in calls:
             call()
         return
-    for f in [_copy_pool().submit(call) for call in calls]:
+    for f in [_thread_pool().submit(call) for call in calls]:
         f.result()
 
 
@@ -131,35 +128,20 @@ def im2col_cpu(x, KH: int, KW: int, stride: tuple, pad: tuple, out=None):
     """x (N, C, H, W) -> cols (C*KH*KW, OH*OW*N), as im2col_naive.
 
     Row (c, kh, kw), column (oh, ow, n) holds x_padded[n, c, oh*sh + kh, ow*sw + kw].
-    x is padded once in CHWN order; a strided view then addresses every window
-    without copying, and one copy (split over the cores) lays the columns out.
+    x is padded once (pad_input keeps its memory order, CHWN inside a network, so
+    the (C, Hp, Wp, N) view is contiguous without a copy); a strided view then
+    addresses every window, and one copy (split over the cores) lays the columns out.
     """
     N, C, H, W = x.shape
     sh, sw = stride
     OH, OW = out_size(H, KH, sh, pad[0]), out_size(W, KW, sw, pad[1])
-    xpad = padded_chwn(x, *pad)                                       # (C, Hp, Wp, N)
+    xpad = np.ascontiguousarray(pad_input(x, *pad).transpose(1, 2, 3, 0))   # (C, Hp, Wp, N)
     sC, sH, sW, sN = xpad.strides
     windows = as_strided(xpad, shape=(C, KH, KW, OH, OW, N),
                          strides=(sC, sH, sW, sH * sh, sW * sw, sN), writeable=False)
     cols = np.empty((C, KH, KW, OH, OW, N), dtype=x.dtype) if out is None else out.reshape(C, KH, KW, OH, OW, N)
     parallel_copyto(cols, windows)                                    # (C, KH, KW, OH, OW, N)
     return cols.reshape(C * KH * KW, OH * OW * N)
-
-
-def padded_chwn(x, ph: int, pw: int):
-    """x (N, C, H, W) -> (C, H + 2*ph, W + 2*pw, N), contiguous, zero-padded: the
-    (C, H, W, N) view of x, copied only if padding is asked for or x is not CHWN already."""
-    N, C, H, W = x.shape
-    xt = x.transpose(1, 2, 3, 0)                                      # (C, H, W, N) view
-    if ph == 0 and pw == 0:
-        return np.ascontiguousarray(xt)
-    xpad = np.empty((C, H + 2 * ph, W + 2 * pw, N), dtype=x.dtype)    # (C, Hp, Wp, N)
-    xpad[:, :ph] = 0
-    xpad[:, ph + H:] = 0
-    xpad[:, ph:ph + H, :pw] = 0
-    xpad[:, ph:ph + H, pw + W:] = 0
-    parallel_copyto(xpad[:, ph:ph + H, pw:pw + W], xt)
-    return xpad
 
 
 def col2im_cpu(cols, x_shape, KH: int, KW: int, stride: tuple, pad: tuple):
