@@ -43,13 +43,21 @@ CONV_CASES = [
     (2, 1, 6, 5, 8, 3, 1, 1, True),              # stride 1 with F > C: dx by col2im, not the flip
     (2, 5, 6, 5, 4, 3, 1, 1, True),              # stride 1 with F < C: dx by the flipped kernel
     (3, 4, 5, 7, 4, 3, 1, 0, False),             # F == C, no padding: the flip pads dout by K-1
+    (1, 8, 2, 1, 4, 3, 1, 1, True),              # F < C but weight larger than the columns: col2im
 ]
 CONV_IDS = [f"N{c[0]}C{c[1]}_{c[2]}x{c[3]}_F{c[4]}_k{c[5]}_s{c[6]}_p{c[7]}_b{int(c[8])}" for c in CONV_CASES]
 
 
+def takes_the_flip(case) -> bool:
+    N, C, H, W, F, k, s, p, _ = case
+    (KH, KW), (sh, sw), (ph, pw) = pair(k), pair(s), pair(p)
+    M = N * out_size(H, KH, sh, ph) * out_size(W, KW, sw, pw)
+    return flipped_kernel_applies((KH, KW), (sh, sw), (ph, pw), F, C, M)
+
+
 def test_the_cases_take_both_input_gradient_paths():
     """Conv2d.backward has two ways to dL/dx; the cases above must reach each of them."""
-    flip = [flipped_kernel_applies(pair(k), pair(s), pair(p), F, C) for (_, C, _, _, F, k, s, p, _) in CONV_CASES]
+    flip = [takes_the_flip(case) for case in CONV_CASES]
     assert any(flip) and not all(flip)
 
 

@@ -39,10 +39,12 @@ def pad_input(x, pad_h: int, pad_w: int, value=0.0):
     return padded
 
 
-# NumPy copies in one thread; it lets go of Python's lock while it does, so a copy
-# cut into slices runs on every core. Only pure copies are split (no sums), so the
-# result is the same bit for bit whatever the thread count.
+# NumPy works in one thread; it lets go of Python's lock while it does, so work cut
+# into slices runs on every core. Only work whose slices are independent is split
+# (copies, per-channel loops, elementwise updates; never a sum across slices), so
+# the result is the same bit for bit whatever the thread count.
 _THREADS = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+PARALLEL_MIN_BYTES = 2**20     # under 1 MB a thread costs more than it saves
 _pool, _pool_pid = None, None
 
 
@@ -51,16 +53,6 @@ def _thread_pool() -> ThreadPoolExecutor:
     if _pool_pid != os.getpid():     # first use, or a forked child (the parent's threads are not in it)
         _pool, _pool_pid = ThreadPoolExecutor(_THREADS, thread_name_prefix="minivgg-cpu"), os.getpid()
     return _pool
-
-
-def parallel_copyto(dst, src) -> None:
-    """np.copyto(dst, src), dst and src sliced along their first axis over the cores."""
-    n = dst.shape[0]
-    if _THREADS == 1 or n < 2 or dst.nbytes < 2**20:      # under 1 MB a thread costs more than it saves
-        np.copyto(dst, src)
-        return
-    bounds = np.linspace(0, n, min(_THREADS, n) + 1).astype(int)
-    run_on_cores([lambda s=slice(a, b): np.copyto(dst[s], src[s]) for a, b in zip(bounds[:-1], bounds[1:])])
 
 
 def run_on_cores(calls) -> None:
@@ -75,17 +67,33 @@ def run_on_cores(calls) -> None:
         f.result()
 
 
-def over_channel_blocks(fn, C: int, bytes_per_channel: int, block_bytes: int = 2**21) -> None:
-    """fn(slice) for consecutive blocks of range(C), each about block_bytes, on the cores.
+def over_cores(fn, n: int, nbytes: int) -> None:
+    """fn(slice) for one consecutive slice of range(n) per core, all at once; a single
+    fn(slice(0, n)) when the work touches under PARALLEL_MIN_BYTES."""
+    parts = min(_THREADS, n) if nbytes >= PARALLEL_MIN_BYTES else 1
+    bounds = [n * i // parts for i in range(parts + 1)]
+    run_on_cores([lambda s=slice(a, b): fn(s) for a, b in zip(bounds[:-1], bounds[1:])])
 
-    For kernels that make several passes over an array: on a block of a couple of MB
-    the later passes find it in cache instead of reading memory again (3x faster for
-    max-pool at 32x32), and blocks on different cores run at once. The blocks are
-    disjoint channels and nothing is summed across them, so the result does not
-    depend on the blocking.
+
+def over_blocks(fn, n: int, bytes_per_item: int, block_bytes: int = 2**21) -> None:
+    """fn(slice) for consecutive blocks of range(n), each about block_bytes, on the cores.
+
+    For work that makes several passes over its arrays (max-pool's per-offset
+    passes, Adam's ten): on a block of a couple of MB the later passes find it in
+    cache instead of reading memory again (3x faster for max-pool at 32x32), and
+    blocks on different cores run at once, each core taking the next block when
+    it is free.
     """
-    per_block = max(1, min(C, block_bytes // max(1, bytes_per_channel)))
-    run_on_cores([lambda c=c: fn(slice(c, min(c + per_block, C))) for c in range(0, C, per_block)])
+    per_block = max(1, min(n, block_bytes // max(1, bytes_per_item)))
+    run_on_cores([lambda a=a: fn(slice(a, min(a + per_block, n))) for a in range(0, n, per_block)])
+
+
+def parallel_copyto(dst, src) -> None:
+    """np.copyto(dst, src) over the cores, dst and src sliced along their longest axis but
+    the last (the last keeps its runs whole; the longest gives each core an even share)."""
+    axis = max(range(max(1, dst.ndim - 1)), key=lambda a: dst.shape[a])
+    index = (slice(None),) * axis
+    over_cores(lambda s: np.copyto(dst[index + (s,)], src[index + (s,)]), dst.shape[axis], dst.nbytes)
 
 
 # ---------------------------------------------------------------------------
@@ -150,7 +158,8 @@ def col2im_cpu(cols, x_shape, KH: int, KW: int, stride: tuple, pad: tuple):
     Every column entry is added back to the input pixel it was copied from;
     pixels shared by overlapping windows collect several contributions. One
     strided slice per kernel offset (kh, kw) covers that offset in every window.
-    dx is returned as a view of a CHWN array.
+    Channels never share a pixel, so each core takes its own channels. dx is
+    returned as a view of a CHWN array.
     """
     N, C, H, W = x_shape
     sh, sw = stride
@@ -158,9 +167,13 @@ def col2im_cpu(cols, x_shape, KH: int, KW: int, stride: tuple, pad: tuple):
     OH, OW = out_size(H, KH, sh, ph), out_size(W, KW, sw, pw)
     cols6 = cols.reshape(C, KH, KW, OH, OW, N)
     dxpad = np.zeros((C, H + 2 * ph, W + 2 * pw, N), dtype=cols.dtype)   # (C, Hp, Wp, N)
-    for kh in range(KH):
-        for kw in range(KW):
-            dxpad[:, kh:kh + sh * OH:sh, kw:kw + sw * OW:sw] += cols6[:, kh, kw]   # (C, OH, OW, N)
+
+    def add_back(c):                       # the channels c: each core adds its own channels
+        for kh in range(KH):
+            for kw in range(KW):
+                dxpad[c, kh:kh + sh * OH:sh, kw:kw + sw * OW:sw] += cols6[c, kh, kw]   # (c, OH, OW, N)
+
+    over_cores(add_back, C, cols.nbytes)
     return dxpad[:, ph:ph + H, pw:pw + W].transpose(3, 0, 1, 2)       # (N, C, H, W) view
 
 
@@ -172,7 +185,7 @@ def maxpool_forward_cpu(x, KH: int, KW: int, stride: tuple, pad: tuple):
     only a strictly larger value replaces the running maximum, so ties go to
     the first element, as in PyTorch; a NaN always replaces it, so NaN propagates (at the
     window's last NaN, as PyTorch). One vectorised pass per window offset,
-    over blocks of channels (see over_channel_blocks).
+    over blocks of channels (see over_blocks).
     """
     N, C, H, W = x.shape
     sh, sw = stride
@@ -202,7 +215,7 @@ def maxpool_forward_cpu(x, KH: int, KW: int, stride: tuple, pad: tuple):
                 np.multiply(better, ab.dtype.type(kh * KW + kw), out=offset)
                 np.maximum(ab, offset, out=ab)
 
-    over_channel_blocks(block, C, xpad[:, :1].nbytes)
+    over_blocks(block, C, xpad[:, :1].nbytes)
     return out, argmax
 
 
@@ -239,5 +252,5 @@ def maxpool_backward_cpu(dout, argmax, x_shape, KH: int, KW: int, stride: tuple,
                 else:
                     target += db * hit
 
-    over_channel_blocks(block, C, dxpad[:, :1].nbytes)
+    over_blocks(block, C, dxpad[:, :1].nbytes)
     return dxpad[:, :, ph:ph + H, pw:pw + W]                           # (N, C, H, W)

@@ -34,7 +34,7 @@ class Conv2d(Layer):
 
     Backward: with D = dout seen as (F, OH*OW*N) (again a view when dout is
     CHWN in memory), the chain rule through that product gives
-        dL/db  = D summed over its columns                   (F,)
+        dL/db  = D @ 1, D summed over its columns             (F,)
         dL/dWm = D @ cols^T                                   (F, C*KH*KW)
         dL/dx  = col2im(Wm^T @ D)                             (N, C, H, W)
     where col2im adds each column entry back onto the pixel it was copied from
@@ -43,8 +43,8 @@ class Conv2d(Layer):
     K-1-p, correlated with the kernel flipped in space and with its F and C
     axes swapped (input_grad_by_flipped_kernel, derived there). That runs as
     im2col + GEMM again, and backward uses it when flipped_kernel_applies:
-    stride 1, padding < kernel, F <= C (tests/test_reference.py checks both
-    paths against the loop reference).
+    stride 1, padding < kernel, F <= C, and a weight no larger than the columns
+    (tests/test_reference.py checks both paths against the loop reference).
 
     Memory: cols is KH*KW times the size of x, so the batch is processed in
     chunks that fit the workspace limit (minivgg.kernels.set_workspace_limit).
@@ -103,9 +103,9 @@ class Conv2d(Layer):
         xp = backend.get_array_module(x)
         Wm = self.params["weight"].reshape(F, C * KH * KW)               # (F, C*KH*KW)
         by_flip = self.needs_input_grad and flipped_kernel_applies(self.kernel_size, self.stride,
-                                                                   self.padding, F, C)
+                                                                   self.padding, F, C, N * OH * OW)
         by_col2im = self.needs_input_grad and not by_flip
-        dWm = xp.zeros((F, C * KH * KW), dtype=x.dtype)                   # (F, C*KH*KW)
+        dWm = db = None
         dx = xp.empty_like(x) if by_col2im else None                      # (N, C, H, W)
         # Columns forward kept cover the whole batch: use them as one chunk, whatever the
         # workspace limit is now. Otherwise rebuild them chunk by chunk. Never mix the two.
@@ -115,14 +115,17 @@ class Conv2d(Layer):
             cols = kept_cols if kept_cols is not None else \
                 im2col(x[s], KH, KW, self.stride, self.padding)           # (C*KH*KW, OH*OW*n)
             D = dout[s].transpose(1, 2, 3, 0).reshape(F, -1)              # (F, OH*OW*n)
-            dWm += D @ cols.T                                             # (F, C*KH*KW)
+            dWm = D @ cols.T if dWm is None else dWm + D @ cols.T        # (F, C*KH*KW)
+            if "bias" in self.params:  # D's row sums, as D @ 1: BLAS reads D 3-4x faster than sum()
+                ones = xp.ones(D.shape[1], dtype=D.dtype)
+                db = D @ ones if db is None else db + D @ ones            # (F,)
             if by_col2im:  # the textbook dL/dx: each column entry back onto its pixel
                 dcols = reuse(self.spare, cols.shape, x) if kept_cols is not None else None
                 dcols = xp.matmul(Wm.T, D, out=dcols)                     # (C*KH*KW, OH*OW*n)
                 dx[s] = col2im(dcols, x[s].shape, KH, KW, self.stride, self.padding)  # (n, C, H, W)
         self.grads["weight"] = dWm.reshape(F, C, KH, KW)                  # (F, C, KH, KW)
         if "bias" in self.params:
-            self.grads["bias"] = dout.sum(axis=(0, 2, 3))                 # (F,)
+            self.grads["bias"] = db                                       # (F,)
         if by_flip:    # the same dL/dx, as a convolution of dout (faster: no scattered adds)
             dx = input_grad_by_flipped_kernel(dout, self.params["weight"], self.padding,
                                               spare=self.spare if kept_cols is not None else None)
@@ -161,17 +164,20 @@ def correlate(x, Wm, KH, KW, stride, pad, keep_cols=False, spare=None):
     return y.transpose(3, 0, 1, 2), None                                  # (N, F, OH, OW) view
 
 
-def flipped_kernel_applies(kernel_size, stride, padding, F: int, C: int) -> bool:
-    """When Conv2d.backward computes dL/dx by input_grad_by_flipped_kernel: all three of
-    stride 1 (then every dout entry is one window position, with no gaps between),
-    padding < kernel (the pad K-1-p it needs is not negative), and F <= C. Its
-    columns come from dout's F channels, F*KH*KW rows, where col2im's product
-    Wm^T @ D has C*KH*KW: with F > C the flip copies more and needs more memory,
-    and col2im's adds, over runs of N numbers in the CHWN layout, cost less
-    (VGG-11 at 32x32: the flip is 5-10% faster at F == C, col2im 10-20% faster
-    at F == 2C; benchmarks/conv_speed.py)."""
+def flipped_kernel_applies(kernel_size, stride, padding, F: int, C: int, M: int) -> bool:
+    """When Conv2d.backward computes dL/dx by input_grad_by_flipped_kernel (M = N*OH*OW,
+    the columns' width): all four of
+      stride 1 (then every dout entry is one window position, with no gaps between);
+      padding < kernel (the pad K-1-p it needs is not negative);
+      F <= C: its columns come from dout's F channels, F*KH*KW rows, where col2im's
+        product Wm^T @ D has C*KH*KW; with F > C the flip copies more and needs more
+        memory, and col2im's adds, over runs of N numbers in the CHWN layout, cost less;
+      C <= M: it also copies the flipped weight, F*C*KH*KW numbers, which must not
+        outweigh the F*KH*KW*M of its columns (VGG's 2x2 maps: 512 channels, M = 256).
+    VGG-11 at 32x32, batch 64: the flip is 5-10% faster at F == C on 8x8 maps and
+    10% slower on 2x2 maps; col2im is 10-20% faster at F == 2C (benchmarks/conv_speed.py)."""
     (KH, KW), (sh, sw), (ph, pw) = kernel_size, stride, padding
-    return (sh, sw) == (1, 1) and ph < KH and pw < KW and F <= C
+    return (sh, sw) == (1, 1) and ph < KH and pw < KW and F <= C and C <= M
 
 
 def input_grad_by_flipped_kernel(dout, weight, padding, spare=None):

@@ -11,6 +11,7 @@ import math
 import numpy as np
 
 from .. import backend
+from ..kernels.cpu import over_blocks
 
 
 class Optimizer:
@@ -193,6 +194,18 @@ class Adam(Optimizer):
                 g_l2 = xp.multiply(p, self.weight_decay)     # never write into the layer's grad
                 g_l2 += g
                 g = g_l2
+        if xp is np and all(a.flags.c_contiguous for a in (p, g, m, v)):
+            # On the CPU, the same arithmetic on blocks of ~1 MB, the blocks on the cores: a block
+            # stays in cache through all ten passes instead of coming from memory ten times (2x
+            # faster on VGG-11). Elementwise, so the result is the same bit for bit.
+            flat = [a.reshape(-1) for a in (p, g, m, v)]          # views: the writes land in p, m, v
+            over_blocks(lambda s: self._adam(*(a[s] for a in flat), t), p.size, p.itemsize, block_bytes=2**20)
+        else:
+            self._adam(p, g, m, v, t)
+
+    def _adam(self, p, g, m, v, t: int) -> None:
+        """The moment updates and the step, in place in p, m and v."""
+        xp = backend.get_array_module(p)
         beta1, beta2 = self.beta1, self.beta2
         # one scratch array holds each temporary in turn (the names say which): no other allocation
         scratch = xp.multiply(g, 1.0 - beta1)               # (1 - beta1) * g
