@@ -341,13 +341,31 @@ def run_isolated(**kwargs) -> dict:
     return payload
 
 
+def pool_rounds(runs: list[dict]) -> dict:
+    """One framework's rounds (time_training results) as one: the median over all their timed
+    steps, the largest peak memory; each round's own median kept under 'round_medians'."""
+    times = [t for r in runs for t in r["step"]["times"]]
+    out = dict(runs[0])
+    t = common.Timing(median=float(np.median(times)), min=min(times), max=max(times), times=times)
+    out["step"] = t.to_dict()
+    out["images_per_second"] = out["batch"] / t.median
+    out["memory"] = max((r["memory"] for r in runs), key=lambda m: m["peak_bytes"])
+    out["round_medians"] = [r["step"]["median"] for r in runs]
+    out["losses"] = runs[0]["losses"]
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------
 def summarize(config: dict, check: dict, mv: dict, tt: dict) -> dict:
+    """ratio_time: the median over rounds of minivgg's round median / torch's round median (a round
+    runs both back to back, so load from elsewhere that comes and goes hits the pair alike)."""
+    round_ratios = [a / b for a, b in zip(mv.get("round_medians", [mv["step"]["median"]]),
+                                          tt.get("round_medians", [tt["step"]["median"]]))]
     return {"name": config["name"], "key": config["key"], "batch": config["batch"], "image": config["image"],
             "model": config["model"], "check": check, "minivgg": mv, "torch": tt,
-            "ratio_time": mv["step"]["median"] / tt["step"]["median"],
+            "ratio_time": float(np.median(round_ratios)), "round_ratios": round_ratios,
             "ratio_memory": (mv["memory"]["peak_bytes"] / tt["memory"]["peak_bytes"]
                              if tt["memory"]["peak_bytes"] > 0 else float("nan"))}
 
@@ -364,10 +382,14 @@ def format_report(results: list[dict], device: str) -> str:
     checks = "; ".join(f"{r['name']}: logits rel err {r['check']['logits_rel_err']:.1e}, loss "
                        f"{r['check']['loss_rel_err']:.1e}, max gradient {r['check']['grad_max_rel_err']:.1e} "
                        f"({r['check']['grad_worst']})" for r in results)
-    lines = ["one training step (forward, loss, backward, Adam), median over the timed steps; "
-             "ratio = minivgg step time / torch step time (above 1: minivgg is slower)",
+    rounds = [f"{r['name']}: " + ", ".join(common.fmt_ratio(x) for x in r["round_ratios"])
+              for r in results if len(r["round_ratios"]) > 1]
+    lines = ["one training step (forward, loss, backward, Adam), median over the timed steps (of every "
+             "round); ratio = minivgg step time / torch step time (above 1: minivgg is slower), the "
+             "median of the rounds' ratios",
              common.table(["model", "batch", "minivgg img/s", "torch img/s", "ratio", "minivgg ms/step",
                            "torch ms/step", "peak MiB minivgg", "peak MiB torch"], rows),
+             *([textwrap.fill("each round's ratio: " + "; ".join(rounds), 100)] if rounds else []),
              "",
              textwrap.fill(f"check (same weights, dropout off, one step): {checks}", 100),
              textwrap.fill(f"memory: {MEMORY_METHOD[device]}", 100)]
@@ -401,6 +423,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="VGG-11-BN (BatchNorm after every conv) for the 32x32 workload")
     p.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time minivgg then torch, each in a fresh subprocess, this many times; steps are "
+                        "pooled per framework and the ratio is the median of the rounds' ratios, so "
+                        "load from elsewhere that comes and goes lands on both (default 1)")
     p.add_argument("--grad-tol", type=float, default=GRAD_TOL,
                    help=f"tolerance of the gradient check after step 1 (default {GRAD_TOL}; see the docs "
                         "of check_first_step for why it is loose)")
@@ -408,8 +434,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.d2l_batch is None:
         args.d2l_batch = 16 if args.device == "cpu" else 128
-    if min(args.batch, args.d2l_batch, args.steps) < 1 or args.warmup < 0:
-        p.error("--batch, --d2l-batch and --steps must be >= 1, --warmup >= 0")
+    if min(args.batch, args.d2l_batch, args.steps, args.rounds) < 1 or args.warmup < 0:
+        p.error("--batch, --d2l-batch, --steps and --rounds must be >= 1, --warmup >= 0")
     return args
 
 
@@ -425,10 +451,12 @@ def main(argv=None) -> dict:
     info = common.machine_info(args.device)
     print(common.header(info, f"{threads_note}; TF32 {'on' if args.tf32 else 'off'}"))
     print(f"benchmark: training step, float32, device {args.device}, median of {args.steps} steps "
-          f"after {args.warmup} warm-up, each framework in its own subprocess; loss check tolerance {tol:g}")
+          f"after {args.warmup} warm-up x {args.rounds} round(s), each framework in its own subprocess "
+          f"each round; loss check tolerance {tol:g}")
     print(flush=True)
 
-    progress = common.Progress(total=3 * len(configs), desc="train_speed", enabled=not args.no_progress)
+    progress = common.Progress(total=(1 + 2 * args.rounds) * len(configs), desc="train_speed",
+                               enabled=not args.no_progress)
     results = []
     for config in configs:
         progress.step(f"{config['key']}: checking the losses agree")
@@ -438,17 +466,20 @@ def main(argv=None) -> dict:
             progress.close()
             raise SystemExit(f"check failed, nothing timed: {e}")
         gc.collect()
-        timed = {}
-        for fw in ("minivgg", "torch"):
-            progress.step(f"{config['key']}: timing {fw} ({args.warmup}+{args.steps} steps, subprocess)")
-            timed[fw] = run_isolated(framework=fw, config=config, device=args.device, steps=args.steps,
-                                     warmup=args.warmup, seed=args.seed, threads=args.threads,
-                                     tf32=args.tf32)
-        results.append(summarize(config, check, timed["minivgg"], timed["torch"]))
+        runs = {"minivgg": [], "torch": []}
+        for i in range(args.rounds):
+            for fw in runs:
+                progress.step(f"{config['key']}: round {i + 1}/{args.rounds}, timing {fw} "
+                              f"({args.warmup}+{args.steps} steps, subprocess)")
+                runs[fw].append(run_isolated(framework=fw, config=config, device=args.device, steps=args.steps,
+                                             warmup=args.warmup, seed=args.seed, threads=args.threads,
+                                             tf32=args.tf32))
+        results.append(summarize(config, check, pool_rounds(runs["minivgg"]), pool_rounds(runs["torch"])))
     progress.close()
     print(format_report(results, args.device))
 
     payload = {"benchmark": "train_speed", "device": args.device, "dtype": "float32", "steps": args.steps,
+               "rounds": args.rounds,
                "warmup": args.warmup, "tolerance": tol, "tf32": tf32, "threads": args.threads,
                "threads_note": threads_note, "optimizer": {"name": "Adam", "lr": LR},
                "memory_method": MEMORY_METHOD[args.device], "machine": info, "results": results}

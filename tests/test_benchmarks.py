@@ -191,6 +191,31 @@ def test_train_report_and_configs():
     assert train_speed.parse_args([]).d2l_batch == 16
 
 
+def test_train_rounds_pool_steps_and_take_the_median_round_ratio():
+    def run(times, peak):
+        return {"framework": "x", "batch": 8, "losses": [1.0], "memory": {"peak_bytes": peak, "method": "m"},
+                "step": {"median": float(np.median(times)), "times": times}}
+    mv = train_speed.pool_rounds([run([1.0, 1.2, 1.1], 5), run([3.0, 3.0, 3.0], 7), run([1.0, 1.0, 1.0], 6)])
+    tt = train_speed.pool_rounds([run([2.0, 2.0, 2.0], 1), run([2.0, 2.0, 2.0], 1), run([1.0, 1.0, 1.0], 1)])
+    assert mv["step"]["median"] == 1.1 and mv["images_per_second"] == 8 / 1.1     # over all nine steps
+    assert mv["memory"]["peak_bytes"] == 7 and mv["round_medians"] == [1.1, 3.0, 1.0]
+    r = train_speed.summarize(TINY_NET, {}, mv, tt)
+    assert r["round_ratios"] == [0.55, 1.5, 1.0] and r["ratio_time"] == 1.0        # the middle round's
+
+
+def test_train_main_runs_rounds_end_to_end(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(train_speed, "vgg11_32_config", lambda *a, **k: TINY_NET)
+    out = tmp_path / "t.json"
+    payload = train_speed.main(["--models", "vgg11-32", "--rounds", "2", "--steps", "1", "--warmup", "0",
+                                "--no-progress", "--json", str(out)])
+    r = payload["results"][0]
+    assert payload["rounds"] == 2 and len(r["round_ratios"]) == 2
+    assert len(r["minivgg"]["step"]["times"]) == 2 and len(r["torch"]["round_medians"]) == 2
+    assert "each round's ratio" in capsys.readouterr().out and json.loads(out.read_text())["rounds"] == 2
+    with pytest.raises(SystemExit):
+        train_speed.parse_args(["--rounds", "0"])
+
+
 @pytest.mark.skipif(backend.gpu_available() and torch.cuda.is_available(), reason="a GPU is present")
 @pytest.mark.parametrize("script", [conv_speed, train_speed])
 def test_gpu_request_without_gpu_fails_clearly(script):
