@@ -14,6 +14,7 @@ copy are OW*N or N numbers long instead of OW.
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -51,20 +52,34 @@ _pool, _pool_pid = None, None
 def _thread_pool() -> ThreadPoolExecutor:
     global _pool, _pool_pid
     if _pool_pid != os.getpid():     # first use, or a forked child (the parent's threads are not in it)
-        _pool, _pool_pid = ThreadPoolExecutor(_THREADS, thread_name_prefix="minivgg-cpu"), os.getpid()
+        _pool, _pool_pid = ThreadPoolExecutor(max(1, _THREADS - 1), thread_name_prefix="minivgg-cpu"), os.getpid()
     return _pool
 
 
 def run_on_cores(calls) -> None:
     """Run the zero-argument callables on the cores (in order on one core); wait for all.
-    Each must write only its own arrays: they run at the same time."""
+    Each must write only its own arrays: they run at the same time. The calling thread
+    works too: it and _THREADS - 1 helpers each take the next call until none is left."""
     calls = list(calls)
     if _THREADS == 1 or len(calls) < 2:
         for call in calls:
             call()
         return
-    for f in [_thread_pool().submit(call) for call in calls]:
-        f.result()
+    todo, lock = iter(calls), threading.Lock()
+
+    def work():
+        while True:
+            with lock:
+                call = next(todo, None)
+            if call is None:
+                return
+            call()
+    helpers = [_thread_pool().submit(work) for _ in range(min(_THREADS, len(calls)) - 1)]
+    try:
+        work()
+    finally:
+        for f in helpers:
+            f.result()
 
 
 def over_cores(fn, n: int, nbytes: int) -> None:
