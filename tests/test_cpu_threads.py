@@ -128,3 +128,23 @@ def test_adam_in_blocks_on_the_cores_equals_adam_on_the_whole_array(threads, mon
         tw.grad = torch.from_numpy(g.copy())
         topt.step()
         np.testing.assert_allclose(ours, tw.detach().numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_the_thread_count_comes_from_the_environment_or_set_num_threads(monkeypatch):
+    monkeypatch.setenv("MINIVGG_NUM_THREADS", "3")
+    assert cpu._threads_from_environment() == 3
+    monkeypatch.delenv("MINIVGG_NUM_THREADS")
+    assert 1 <= cpu._threads_from_environment() <= 8
+    for bad in ("0", "two", "-1", "1.5"):
+        monkeypatch.setenv("MINIVGG_NUM_THREADS", bad)
+        with pytest.raises(ValueError, match="MINIVGG_NUM_THREADS"):
+            cpu._threads_from_environment()
+    monkeypatch.setattr(cpu, "_THREADS", cpu._THREADS)      # restored after the test
+    kernels.set_num_threads(3)
+    assert kernels.get_num_threads() == 3
+    seen = []
+    cpu.over_cores(lambda s: seen.append(s), 9, nbytes=2**30)
+    assert len(seen) == 3 and len(cpu._thread_pool()._threads) <= 2
+    for bad in (0, 2.0, True, "2"):
+        with pytest.raises(ValueError, match="set_num_threads"):
+            kernels.set_num_threads(bad)

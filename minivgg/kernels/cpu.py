@@ -44,15 +44,44 @@ def pad_input(x, pad_h: int, pad_w: int, value=0.0):
 # into slices runs on every core. Only work whose slices are independent is split
 # (copies, per-channel loops, elementwise updates; never a sum across slices), so
 # the result is the same bit for bit whatever the thread count.
-_THREADS = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+def _threads_from_environment() -> int:
+    """$MINIVGG_NUM_THREADS, else the cores this process may run on (at most 8)."""
+    value = os.environ.get("MINIVGG_NUM_THREADS", "")
+    if value.strip():
+        if not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"MINIVGG_NUM_THREADS must be a whole number >= 1, got {value!r}")
+        return int(value)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+_THREADS = _threads_from_environment()
 PARALLEL_MIN_BYTES = 2**20     # under 1 MB a thread costs more than it saves
-_pool, _pool_pid = None, None
+_pool, _pool_size, _pool_pid = None, 0, None
+
+
+def set_num_threads(n: int) -> None:
+    """How many threads minivgg's own CPU kernels use (1: none besides the caller). Default
+    $MINIVGG_NUM_THREADS, else one per core (at most 8). NumPy's BLAS keeps its own setting
+    (OPENBLAS_NUM_THREADS). Results are the same bit for bit whatever n is."""
+    global _THREADS
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"set_num_threads: expected a whole number >= 1, got {n!r}")
+    _THREADS = n
+
+
+def get_num_threads() -> int:
+    return _THREADS
 
 
 def _thread_pool() -> ThreadPoolExecutor:
-    global _pool, _pool_pid
-    if _pool_pid != os.getpid():     # first use, or a forked child (the parent's threads are not in it)
-        _pool, _pool_pid = ThreadPoolExecutor(max(1, _THREADS - 1), thread_name_prefix="minivgg-cpu"), os.getpid()
+    global _pool, _pool_size, _pool_pid
+    # first use, a forked child (the parent's threads are not in it), or more threads asked for
+    if _pool_pid != os.getpid() or _pool_size < _THREADS - 1:
+        if _pool is not None and _pool_pid == os.getpid():
+            _pool.shutdown(wait=False)       # its threads finish what they hold, then exit
+        _pool_size, _pool_pid = max(1, _THREADS - 1), os.getpid()
+        _pool = ThreadPoolExecutor(_pool_size, thread_name_prefix="minivgg-cpu")
     return _pool
 
 
