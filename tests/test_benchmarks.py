@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import common, conv_speed, train_speed
+from benchmarks import common, conv_speed, threads_after_gemm, train_speed
 from minivgg import backend
 
 TINY_CONV = conv_speed.ConvCase("tiny", N=2, C=3, F=4, H=5, W=6)
@@ -221,3 +221,12 @@ def test_train_main_runs_rounds_end_to_end(monkeypatch, tmp_path, capsys):
 def test_gpu_request_without_gpu_fails_clearly(script):
     with pytest.raises(SystemExit, match="--device gpu needs"):
         script.main(["--device", "gpu", "--no-progress"])
+
+
+# -- threads_after_gemm ----------------------------------------------------------------------------
+def test_threads_after_gemm_times_every_environment(tmp_path, capsys):
+    out = tmp_path / "t.json"
+    payload = threads_after_gemm.main(["--repeats", "1", "--rounds", "1", "--json", str(out)])
+    assert [r["environment"] for r in payload["runs"]] == list(threads_after_gemm.ENVIRONMENTS)
+    assert all(len(r["ms"]) == 2 and min(r["ms"].values()) > 0 for r in payload["runs"])
+    assert "OPENBLAS_THREAD_TIMEOUT=4" in capsys.readouterr().out and json.loads(out.read_text())["runs"]

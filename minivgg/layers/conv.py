@@ -175,7 +175,8 @@ def flipped_kernel_applies(kernel_size, stride, padding, F: int, C: int, M: int)
       C <= M: it also copies the flipped weight, F*C*KH*KW numbers, which must not
         outweigh the F*KH*KW*M of its columns (VGG's 2x2 maps: 512 channels, M = 256).
     VGG-11 at 32x32, batch 64: the flip is 5-10% faster at F == C on 8x8 maps and
-    10% slower on 2x2 maps; col2im is 10-20% faster at F == 2C (benchmarks/conv_speed.py)."""
+    about 10% slower on 2x2 maps; at F == 2C col2im is as fast or up to 20% faster
+    (docs/benchmarks/speed2/micro.py, benchmarks/conv_speed.py)."""
     (KH, KW), (sh, sw), (ph, pw) = kernel_size, stride, padding
     return (sh, sw) == (1, 1) and ph < KH and pw < KW and F <= C and C <= M
 
