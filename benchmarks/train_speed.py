@@ -343,7 +343,8 @@ def run_isolated(**kwargs) -> dict:
 
 def pool_rounds(runs: list[dict]) -> dict:
     """One framework's rounds (time_training results) as one: the median over all their timed
-    steps, the largest peak memory; each round's own median kept under 'round_medians'."""
+    steps, the largest peak memory; each round's own median kept under 'round_medians', the
+    rest (losses, pid, ...) from the first round."""
     times = [t for r in runs for t in r["step"]["times"]]
     out = dict(runs[0])
     t = common.Timing(median=float(np.median(times)), min=min(times), max=max(times), times=times)
@@ -351,7 +352,6 @@ def pool_rounds(runs: list[dict]) -> dict:
     out["images_per_second"] = out["batch"] / t.median
     out["memory"] = max((r["memory"] for r in runs), key=lambda m: m["peak_bytes"])
     out["round_medians"] = [r["step"]["median"] for r in runs]
-    out["losses"] = runs[0]["losses"]
     return out
 
 

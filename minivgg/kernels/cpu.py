@@ -71,6 +71,7 @@ def set_num_threads(n: int) -> None:
 
 
 def get_num_threads() -> int:
+    """How many threads minivgg's own CPU kernels use (see set_num_threads)."""
     return _THREADS
 
 

@@ -9,7 +9,6 @@ benchmark kept up to date: a record of how the choices were made, runnable again
   adam:  Adam on VGG-11's parameter shapes, whole arrays against 1 MB blocks (1 and 2 threads)
   conv1: the parts of conv1 3->64 @ 32x32 (batch 64) beside its three GEMMs
 """
-import sys
 import time
 
 import numpy as np
@@ -117,8 +116,7 @@ def conv1_section(rng):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, ".")
-    from benchmarks import common
+    from benchmarks import common          # PYTHONPATH=. makes both this and minivgg importable
     print(common.header(common.machine_info("cpu"), f"minivgg threads: {cpu.get_num_threads()}"))
     rng = np.random.default_rng(0)
     for section in (db_section, flip_section, adam_section, conv1_section):
