@@ -16,7 +16,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
+# What `import minivgg` does when it comes before NumPy (minivgg/__init__.py): OpenBLAS's idle
+# threads sleep at once. Set here because the scripts import this module, and so NumPy, before
+# minivgg (which must come after set_cupy_tf32_env). A value already set is kept.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+import numpy as np  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,6 +308,7 @@ def machine_info(device: str = "cpu") -> dict:
         "numpy_blas_threads": numpy_blas_threads(),
         "numpy_blas_core": _blas_core(),
         "openblas_coretype_env": os.environ.get("OPENBLAS_CORETYPE", "(unset: OpenBLAS detects the CPU)"),
+        "openblas_thread_timeout_env": os.environ.get("OPENBLAS_THREAD_TIMEOUT", "(unset: OpenBLAS's 28)"),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
@@ -331,7 +337,9 @@ def header(info: dict, extra: str = "") -> str:
     lines = [f"machine: {info['cpu']}, {info['cores_usable']}/{info['cores']} cores usable, "
              f"python {info['python']}, {info['platform']}",
              f"numpy {info['numpy']} ({info['numpy_blas']}, {info['numpy_blas_core']} kernels, "
-             f"OPENBLAS_CORETYPE={info['openblas_coretype_env']}, {info['numpy_blas_threads']} BLAS threads); "
+             f"OPENBLAS_CORETYPE={info['openblas_coretype_env']}, "
+             f"OPENBLAS_THREAD_TIMEOUT={info.get('openblas_thread_timeout_env', '?')}, "
+             f"{info['numpy_blas_threads']} BLAS threads); "
              f"torch {info['torch']} ({info['torch_threads']} threads, mkldnn={info['torch_mkldnn']})"]
     if info.get("device", "cpu") != "cpu":
         lines.append(f"gpu: {info['gpu']}; cupy {info['cupy']} (CUDA runtime {info['cuda_runtime']}, "

@@ -148,3 +148,33 @@ def test_the_thread_count_comes_from_the_environment_or_set_num_threads(monkeypa
     for bad in (0, 2.0, True, "2"):
         with pytest.raises(ValueError, match="set_num_threads"):
             kernels.set_num_threads(bad)
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def timeout_seen_by_numpy(code: str, preset: str | None) -> str:
+    """OPENBLAS_THREAD_TIMEOUT as a fresh interpreter has it after running `code`; preset is
+    the value it starts with (None: unset)."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    env["PYTHONPATH"] = str(ROOT)
+    if preset is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = preset
+    probe = f"{code}; import os; print(os.environ.get('OPENBLAS_THREAD_TIMEOUT', 'unset'))"
+    done = subprocess.run([sys.executable, "-c", probe], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@pytest.mark.parametrize("code,preset,expected", [
+    ("import minivgg", None, "4"),                  # before NumPy: OpenBLAS's workers will sleep at once
+    ("import numpy, minivgg", None, "unset"),       # after: too late, so nothing is changed
+    ("import minivgg", "0", "0"),                   # the user's value (0: OpenBLAS's default) is kept
+    ("import benchmarks.common", None, "4"),        # the benchmarks set what minivgg would
+], ids=["minivgg-first", "numpy-first", "user-set", "benchmarks"])
+def test_openblas_thread_timeout_is_set_only_before_numpy_and_only_when_unset(code, preset, expected):
+    assert timeout_seen_by_numpy(code, preset) == expected

@@ -384,6 +384,16 @@ def cli_run(*args, ranks=0, fails=False):
     return out, err
 
 
+def batchnorm_after(key, state):
+    """For a convolution's bias whose next layer is a BatchNorm, that BatchNorm's running-mean
+    key ("features.0.bias" -> "features.1.running_mean", when the state has it); else None."""
+    *layer, name = key.split(".")
+    if name != "bias" or not layer[-1].isdigit():
+        return None
+    after = ".".join(layer[:-1] + [str(int(layer[-1]) + 1), "running_mean"])
+    return after if after in state else None
+
+
 def saved_model(path):
     from minivgg.train import load_checkpoint
     return {k: backend.to_numpy(v) for k, v in load_checkpoint(path)["model"].items()}
@@ -398,8 +408,22 @@ def test_cli_two_ranks_sync_bn_equal_one_process_and_resume_on_one_rank(tmp_path
     assert out.count("training stopped: completed after 2 epoch(s), 12 steps") == 1   # rank 0 alone prints
     cli_run(*CLI_RUN, "--out", tmp_path / "one")
     two, one = saved_model(tmp_path / "two" / "last.npz"), saved_model(tmp_path / "one" / "last.npz")
+    noisy = {k: batchnorm_after(k, one) for k in one if batchnorm_after(k, one)}
+    for k in noisy:
+        # Exact gradient 0 (BatchNorm subtracts the batch mean), so from their zero init these
+        # biases hold float32 rounding noise alone, summed in a different order on each side:
+        # up to 6e-6 here. Both must stay at that level; a real gradient moves a bias by
+        # lr * |g| per step (0.05 * |g|), past 1e-4 at once for any |g| above 2e-3.
+        assert np.abs(one[k]).max() < 1e-4 and np.abs(two[k]).max() < 1e-4, k
+    # The running mean of the BatchNorm after such a bias averages batch means that contain it
+    # (weights summing to at most 1), so the two runs' may differ by as much as the biases do;
+    # per-rank instead of synchronised statistics move it by over 1e-3
+    # (test_per_rank_batchnorm_is_two_half_batches_not_one_batch).
     for k in one:
-        np.testing.assert_allclose(two[k], one[k], rtol=1e-5, atol=1e-6, err_msg=k)
+        if k in noisy.values():
+            np.testing.assert_allclose(two[k], one[k], rtol=1e-5, atol=1e-4, err_msg=k)
+        elif k not in noisy:
+            np.testing.assert_allclose(two[k], one[k], rtol=1e-5, atol=1e-6, err_msg=k)
     h1 = json.loads((tmp_path / "one" / "history.json").read_text())
     h2 = json.loads((tmp_path / "two" / "history.json").read_text())
     assert [r["val_top1"] for r in h2] == [r["val_top1"] for r in h1]

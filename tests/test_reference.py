@@ -61,6 +61,38 @@ def test_the_cases_take_both_input_gradient_paths():
     assert any(flip) and not all(flip)
 
 
+def folds_the_bias(case) -> bool:
+    N, C, H, W, F, k, s, p, bias = case
+    layer = Conv2d(C, F, k, stride=s, padding=p, bias=bias)
+    (KH, KW), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+    return layer.folds_bias(C * KH * KW, N * out_size(H, KH, sh, ph) * out_size(W, KW, sw, pw))
+
+
+def test_the_cases_take_both_bias_paths():
+    """Conv2d.forward adds the bias in the product (the bias trick) or after it; the cases
+    with a bias must reach each."""
+    fold = [folds_the_bias(case) for case in CONV_CASES if case[-1]]
+    assert any(fold) and not all(fold)
+
+
+@pytest.mark.parametrize("C,H,folds", [(2, 6, True), (16, 1, False)], ids=["K<M", "K>=M"])
+def test_the_bias_trick_puts_a_row_of_ones_under_the_columns(C, H, folds):
+    """Folded: the kept columns have K+1 rows, the last all ones, and forward added the bias
+    there (out equals the reference). Not folded: K rows."""
+    rng = np.random.default_rng(4)
+    layer = Conv2d(C, 3, 3, padding=1).astype(np.float64)
+    layer.params["bias"][...] = rng.standard_normal(3)
+    x = rng.standard_normal((2, C, H, H))
+    out = layer.forward(x)
+    K = C * 9
+    cols = layer.cache[1]
+    assert cols.shape == (K + folds, 2 * H * H)
+    if folds:
+        np.testing.assert_array_equal(cols[K], 1.0)
+    ref = conv2d_naive(x, layer.params["weight"], layer.params["bias"], padding=1)
+    assert rel(out, ref) < RTOL[np.float64]
+
+
 def make_conv(rng, dtype, N, C, H, W, F, k, s, p, bias):
     """A Conv2d with a non-trivial bias, an input and an upstream gradient, all host arrays."""
     layer = Conv2d(C, F, k, stride=s, padding=p, bias=bias).astype(dtype)

@@ -24,6 +24,12 @@ class Conv2d(Layer):
     convolution is one matrix product. With cols = im2col(x) (C*KH*KW, OH*OW*N)
     and Wm = weight.reshape(F, C*KH*KW):
         out = Wm @ cols + b                  (F, OH*OW*N), seen as (N, F, OH, OW)
+    The bias trick folds b into the product: a row of ones under the columns
+    and b as one more column of the weight give [Wm | b] @ [cols; 1] = Wm @ cols + b.
+    It copies the weight (and backward its gradient), F*(K+1) numbers with
+    K = C*KH*KW, and saves a pass over the output (and backward one over dout),
+    F*M numbers with M = OH*OW*N: so Conv2d folds b in when K < M (the first
+    layers, whose outputs are large), and adds it afterwards otherwise.
 
     Layout: the columns run (oh, ow, n), the batch innermost, so the product
     (F, OH*OW*N) is the output with its memory in channel, row, column, image
@@ -38,7 +44,8 @@ class Conv2d(Layer):
         dL/dWm = D @ cols^T                                   (F, C*KH*KW)
         dL/dx  = col2im(Wm^T @ D)                             (N, C, H, W)
     where col2im adds each column entry back onto the pixel it was copied from
-    (a pixel inside several windows receives several contributions).
+    (a pixel inside several windows receives several contributions). When forward
+    folded b in, one product gives the first two: D @ [cols; 1]^T = [dL/dWm | dL/db].
     With stride 1 the same dL/dx is itself a convolution: dout, padded by
     K-1-p, correlated with the kernel flipped in space and with its F and C
     axes swapped (input_grad_by_flipped_kernel, derived there). That runs as
@@ -84,15 +91,26 @@ class Conv2d(Layer):
             raise ValueError(f"{self!r}: kernel {KH}x{KW} is larger than the padded input "
                              f"{H + 2 * ph}x{W + 2 * pw} (input {H}x{W}, padding {ph}); "
                              "use a larger image or more padding")
-        F = self.out_channels
-        Wm = self.params["weight"].reshape(F, C * KH * KW)               # (F, C*KH*KW)
+        F, K = self.out_channels, C * KH * KW
+        M = N * out_size(H, KH, self.stride[0], ph) * out_size(W, KW, self.stride[1], pw)
+        Wm = self.params["weight"].reshape(F, K)                          # (F, K)
+        fold = self.folds_bias(K, M)
+        if fold:   # the bias trick: [Wm | b] @ [cols; 1] = Wm @ cols + b
+            xp = backend.get_array_module(x)
+            Wm = xp.concatenate([Wm, self.params["bias"].reshape(F, 1)], axis=1)  # (F, K+1)
         out, cols = correlate(x, Wm, KH, KW, self.stride, self.padding, keep_cols=True,
-                              spare=self.spare)                                  # (N, F, OH, OW)
+                              spare=self.spare, ones_row=fold)                   # (N, F, OH, OW)
         self.spare = cols          # None when the batch took several chunks
-        if "bias" in self.params:
+        if "bias" in self.params and not fold:
             out += self.params["bias"].reshape(1, F, 1, 1)
         self.cache = (x, cols)     # cols is None when the batch took several chunks
         return out
+
+    def folds_bias(self, K: int, M: int) -> bool:
+        """Whether the bias goes inside the products (the bias trick, see the class docstring):
+        when there is one, and copying the weight (F x K+1) costs less than a pass over the
+        output (F x M)."""
+        return "bias" in self.params and K < M
 
     def backward(self, dout):
         x, kept_cols = self.saved()
@@ -101,29 +119,33 @@ class Conv2d(Layer):
         OH, OW = out_size(H, KH, sh, ph), out_size(W, KW, sw, pw)
         self.check_dout(dout, (N, F, OH, OW), like=x)
         xp = backend.get_array_module(x)
-        Wm = self.params["weight"].reshape(F, C * KH * KW)               # (F, C*KH*KW)
+        K, M = C * KH * KW, N * OH * OW
+        Wm = self.params["weight"].reshape(F, K)                          # (F, K)
+        fold = self.folds_bias(K, M)   # then every columns array below has the ones row K too
         by_flip = self.needs_input_grad and flipped_kernel_applies(self.kernel_size, self.stride,
                                                                    self.padding, F, C, N * OH * OW)
         by_col2im = self.needs_input_grad and not by_flip
-        dWm = db = None
+        dWb = db = None   # dWb: dL/dWm, or d[Wm | b] = [dL/dWm | dL/db] when the bias was folded
         dx = xp.empty_like(x) if by_col2im else None                      # (N, C, H, W)
         # Columns forward kept cover the whole batch: use them as one chunk, whatever the
         # workspace limit is now. Otherwise rebuild them chunk by chunk. Never mix the two.
         chunks = [slice(0, N)] if kept_cols is not None else \
-            batch_chunks(N, C * KH * KW * OH * OW * x.itemsize)
+            batch_chunks(N, (K + fold) * OH * OW * x.itemsize)
         for s in chunks:
             cols = kept_cols if kept_cols is not None else \
-                im2col(x[s], KH, KW, self.stride, self.padding)           # (C*KH*KW, OH*OW*n)
+                columns(x[s], KH, KW, self.stride, self.padding, ones_row=fold)  # (K [+1], OH*OW*n)
             D = dout[s].transpose(1, 2, 3, 0).reshape(F, -1)              # (F, OH*OW*n)
-            dWm = D @ cols.T if dWm is None else dWm + D @ cols.T        # (F, C*KH*KW)
-            if "bias" in self.params:  # D's row sums, as D @ 1: BLAS reads D 3-4x faster than sum()
+            dWb = D @ cols.T if dWb is None else dWb + D @ cols.T        # (F, K [+1])
+            if "bias" in self.params and not fold:  # D's row sums, as D @ 1 (BLAS reads D 3-4x faster than sum())
                 ones = xp.ones(D.shape[1], dtype=D.dtype)
                 db = D @ ones if db is None else db + D @ ones            # (F,)
             if by_col2im:  # the textbook dL/dx: each column entry back onto its pixel
-                dcols = reuse(self.spare, cols.shape, x) if kept_cols is not None else None
-                dcols = xp.matmul(Wm.T, D, out=dcols)                     # (C*KH*KW, OH*OW*n)
+                dcols = reuse(self.spare, (K, D.shape[1]), x) if kept_cols is not None else None
+                dcols = xp.matmul(Wm.T, D, out=dcols)                     # (K, OH*OW*n)
                 dx[s] = col2im(dcols, x[s].shape, KH, KW, self.stride, self.padding)  # (n, C, H, W)
-        self.grads["weight"] = dWm.reshape(F, C, KH, KW)                  # (F, C, KH, KW)
+        if fold:   # the ones row's column is dL/db = D @ 1; copied out, so each grad is contiguous
+            dWb, db = xp.ascontiguousarray(dWb[:, :K]), dWb[:, K].copy()  # (F, K), (F,)
+        self.grads["weight"] = dWb.reshape(F, C, KH, KW)                  # (F, C, KH, KW)
         if "bias" in self.params:
             self.grads["bias"] = db                                       # (F,)
         if by_flip:    # the same dL/dx, as a convolution of dout (faster: no scattered adds)
@@ -138,30 +160,46 @@ class Conv2d(Layer):
                 f"stride={self.stride}, padding={self.padding}, bias={'bias' in self.params})")
 
 
-def correlate(x, Wm, KH, KW, stride, pad, keep_cols=False, spare=None):
-    """out = Wm @ im2col(x), seen as NCHW: the convolution without its bias.
+def correlate(x, Wm, KH, KW, stride, pad, keep_cols=False, spare=None, ones_row=False):
+    """out = Wm @ im2col(x), seen as NCHW: the convolution without its bias (or with it,
+    given ones_row and Wm = [weight | bias], the bias trick).
 
-    x (N, C, H, W), Wm (F, C*KH*KW) -> out (N, F, OH, OW), a view of an
-    (F, OH, OW, N) array (CHWN in memory). The batch is processed in chunks
-    that fit the workspace. Returns (out, cols); cols (C*KH*KW, OH*OW*N) only
-    when keep_cols and the batch fit in a single chunk, else None. The columns
-    go into spare's memory when it is large enough (see reuse).
+    x (N, C, H, W), Wm (F, K) with K = C*KH*KW (+1 with ones_row) -> out (N, F, OH, OW),
+    a view of an (F, OH, OW, N) array (CHWN in memory). The batch is processed in chunks
+    that fit the workspace. Returns (out, cols); cols (K, OH*OW*N) only when keep_cols
+    and the batch fit in a single chunk, else None. The columns go into spare's memory
+    when it is large enough (see reuse).
     """
     N, C, H, W = x.shape
-    F = Wm.shape[0]
+    F, K = Wm.shape
     OH, OW = out_size(H, KH, stride[0], pad[0]), out_size(W, KW, stride[1], pad[1])
     xp = backend.get_array_module(x)
-    chunks = batch_chunks(N, C * KH * KW * OH * OW * x.itemsize)
+    chunks = batch_chunks(N, K * OH * OW * x.itemsize)
     if len(chunks) == 1:
-        cols = im2col(x, KH, KW, stride, pad,
-                      out=reuse(spare, (C * KH * KW, OH * OW * N), x))    # (C*KH*KW, OH*OW*N)
+        cols = columns(x, KH, KW, stride, pad, ones_row,
+                       out=reuse(spare, (K, OH * OW * N), x))             # (K, OH*OW*N)
         y = (Wm @ cols).reshape(F, OH, OW, N)                             # (F, OH, OW, N)
         return y.transpose(3, 0, 1, 2), (cols if keep_cols else None)     # (N, F, OH, OW) view
     y = xp.empty((F, OH, OW, N), dtype=x.dtype)                           # (F, OH, OW, N)
     for s in chunks:
-        cols = im2col(x[s], KH, KW, stride, pad)                          # (C*KH*KW, OH*OW*n)
+        cols = columns(x[s], KH, KW, stride, pad, ones_row)               # (K, OH*OW*n)
         y[..., s] = (Wm @ cols).reshape(F, OH, OW, -1)                    # (F, OH, OW, n)
     return y.transpose(3, 0, 1, 2), None                                  # (N, F, OH, OW) view
+
+
+def columns(x, KH, KW, stride, pad, ones_row=False, out=None):
+    """im2col(x) (C*KH*KW, OH*OW*N), and under it a row of ones when ones_row (the bias
+    trick), into `out` when given (a contiguous array of the full shape)."""
+    if not ones_row:
+        return im2col(x, KH, KW, stride, pad, out=out)
+    N, C, H, W = x.shape
+    K = C * KH * KW
+    M = N * out_size(H, KH, stride[0], pad[0]) * out_size(W, KW, stride[1], pad[1])
+    xp = backend.get_array_module(x)
+    cols = xp.empty((K + 1, M), dtype=x.dtype) if out is None else out   # (K+1, M)
+    im2col(x, KH, KW, stride, pad, out=cols[:K])                          # rows 0..K-1, in place
+    cols[K] = 1
+    return cols
 
 
 def flipped_kernel_applies(kernel_size, stride, padding, F: int, C: int, M: int) -> bool:
