@@ -123,7 +123,7 @@ class Conv2d(Layer):
         Wm = self.params["weight"].reshape(F, K)                          # (F, K)
         fold = self.folds_bias(K, M)   # then every columns array below has the ones row K too
         by_flip = self.needs_input_grad and flipped_kernel_applies(self.kernel_size, self.stride,
-                                                                   self.padding, F, C, N * OH * OW)
+                                                                   self.padding, F, C, M)
         by_col2im = self.needs_input_grad and not by_flip
         dWb = db = None   # dWb: dL/dWm, or d[Wm | b] = [dL/dWm | dL/db] when the bias was folded
         dx = xp.empty_like(x) if by_col2im else None                      # (N, C, H, W)
@@ -136,7 +136,7 @@ class Conv2d(Layer):
                 columns(x[s], KH, KW, self.stride, self.padding, ones_row=fold)  # (K [+1], OH*OW*n)
             D = dout[s].transpose(1, 2, 3, 0).reshape(F, -1)              # (F, OH*OW*n)
             dWb = D @ cols.T if dWb is None else dWb + D @ cols.T        # (F, K [+1])
-            if "bias" in self.params and not fold:  # D's row sums, as D @ 1 (BLAS reads D 3-4x faster than sum())
+            if "bias" in self.params and not fold:  # D's row sums as D @ 1: BLAS reads D 3-4x faster than sum()
                 ones = xp.ones(D.shape[1], dtype=D.dtype)
                 db = D @ ones if db is None else db + D @ ones            # (F,)
             if by_col2im:  # the textbook dL/dx: each column entry back onto its pixel
