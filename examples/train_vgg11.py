@@ -220,7 +220,8 @@ def make_parser(suppress: bool = False) -> argparse.ArgumentParser:
                         "S/8, e.g. 4 at 32x32, is the usual choice)")
     g.add_argument("--skip-bad-images", action=argparse.BooleanOptionalAction, default=D("skip_bad_images"),
                    help="with --dataset folder:PATH, leave out images that cannot be read (each is named in a "
-                        "warning) instead of stopping")
+                        "warning) instead of stopping; not with --stream, which reads each image only when its "
+                        "batch is built")
     g.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=D("normalize"),
                    help="subtract the training set's mean and divide by its std, per channel")
     g.add_argument("--train-subset", type=int, default=D("train_subset"), metavar="N",
@@ -327,6 +328,9 @@ def check_args(args) -> None:
         raise UsageError(f"--dataset must be fashion-mnist or folder:PATH, got {args.dataset!r}")
     if args.stream and not args.dataset.startswith("folder:"):
         raise UsageError("--stream reads image folders only (--dataset folder:PATH); Fashion-MNIST fits in memory")
+    if args.stream and args.skip_bad_images:
+        raise UsageError("--skip-bad-images reads every image before training, and --stream reads each only when "
+                         "its batch is built (an unreadable one then stops the run, named); use one of the two")
     if args.dataset.startswith("folder:") and not args.dataset[len("folder:"):].strip():
         raise UsageError("--dataset folder: needs the folder's path after the colon, e.g. folder:photos")
 

@@ -145,3 +145,6 @@ def test_cli_stream_flag_trains_exactly_as_in_memory(tmp_path):
     r = subprocess.run([sys.executable, str(script), "--stream", "--no-progress"], capture_output=True,
                        text=True, timeout=120, env=env)
     assert r.returncode == 2 and "--stream reads image folders only" in r.stderr
+    r = subprocess.run([sys.executable, str(script), "--dataset", f"folder:{root}", "--stream", "--skip-bad-images",
+                        "--no-progress"], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and "--skip-bad-images reads every image before training" in r.stderr
