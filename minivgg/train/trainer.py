@@ -285,20 +285,23 @@ class Trainer:
         checks labels on the device): then the labels are read back and named.
         """
         xp = backend.get_array_module(loss)
-        parts = [loss.astype(xp.float64), correct.astype(xp.float64)]
+        parts = {"loss": loss, "correct": correct}
         if norm is not None:
-            parts.append(xp.asarray(norm, dtype=xp.float64))
+            parts["norm"] = norm
         if self._found_inf is not None:   # amp: the overflow flag rides along
-            parts.append(self._found_inf.astype(xp.float64))
-        values = backend.to_numpy(xp.stack(parts))                     # one copy to the host
+            parts["overflow"] = self._found_inf
+        stacked = xp.stack([xp.asarray(v, dtype=xp.float64) for v in parts.values()])
+        values = dict(zip(parts, backend.to_numpy(stacked).tolist()))  # one copy to the host
         if self._found_inf is not None:
-            self._overflow, norm = bool(values[-1]), (None if values[-1] else norm)   # skipped: no norm check
-        if not math.isfinite(values[0]) and hasattr(self.loss_fn, "check_labels"):
+            self._overflow = bool(values["overflow"])
+            if self._overflow:            # the step is skipped: its norm is not checked
+                values.pop("norm", None)
+        if not math.isfinite(values["loss"]) and hasattr(self.loss_fn, "check_labels"):
             self.loss_fn.check_labels(y, self.loss_fn.cache[0].shape[1])
-        self._check_loss(float(values[0]), batch)
-        if norm is not None:
-            self._check_finite("gradient norm", float(values[2]), batch)
-        return float(values[0]), int(values[1])
+        self._check_loss(values["loss"], batch)
+        if "norm" in values:
+            self._check_finite("gradient norm", values["norm"], batch)
+        return values["loss"], int(values["correct"])
 
     def _accumulate(self, sums):
         """Add this micro-batch's gradients (which the next backward overwrites) to `sums`."""
