@@ -6,6 +6,11 @@ across slices, so the results must not depend on the thread count at all. The ar
 here are small, so PARALLEL_MIN_BYTES is lowered to make every kernel split, and
 _THREADS is set to 1 (no split), 2 and 3 (uneven slices).
 """
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -150,15 +155,12 @@ def test_the_thread_count_comes_from_the_environment_or_set_num_threads(monkeypa
             kernels.set_num_threads(bad)
 
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def timeout_seen_by_numpy(code: str, preset: str | None) -> str:
     """OPENBLAS_THREAD_TIMEOUT as a fresh interpreter has it after running `code`; preset is
     the value it starts with (None: unset)."""
-    import os
-    import subprocess
-    import sys
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
     env["PYTHONPATH"] = str(ROOT)
     if preset is not None:

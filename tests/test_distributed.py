@@ -408,7 +408,7 @@ def test_cli_two_ranks_sync_bn_equal_one_process_and_resume_on_one_rank(tmp_path
     assert out.count("training stopped: completed after 2 epoch(s), 12 steps") == 1   # rank 0 alone prints
     cli_run(*CLI_RUN, "--out", tmp_path / "one")
     two, one = saved_model(tmp_path / "two" / "last.npz"), saved_model(tmp_path / "one" / "last.npz")
-    noisy = {k: batchnorm_after(k, one) for k in one if batchnorm_after(k, one)}
+    noisy = {k: after for k in one if (after := batchnorm_after(k, one))}   # bias -> running-mean key
     for k in noisy:
         # Exact gradient 0 (BatchNorm subtracts the batch mean), so from their zero init these
         # biases hold float32 rounding noise alone, summed in a different order on each side:
