@@ -44,19 +44,22 @@ def parse_arch(arch: str) -> tuple[str, bool]:
 
 
 def make_features(cfg: list, in_channels: int = 3, batch_norm: bool = False,
-                  width_ratio: int = 1) -> Sequential:
+                  width_ratio: int = 1, channels=None) -> Sequential:
     """The convolutional trunk: conv3 (+BN) + ReLU per number, MaxPool2d per 'M'.
 
     width_ratio divides every conv channel count (d2l's small_conv_arch), so
-    width_ratio=4 turns 64..512 into 16..128.
+    width_ratio=4 turns 64..512 into 16..128. channels, if given, is every
+    conv's width in order (a pruned network's), in place of cfg // width_ratio.
     """
     layers: list[Layer] = []
     c = in_channels
+    widths = iter(channels if channels is not None else
+                  [v // width_ratio for v in cfg if v != "M"])
     for v in cfg:
         if v == "M":
             layers.append(MaxPool2d(kernel_size=2, stride=2))
             continue
-        f = v // width_ratio
+        f = next(widths)
         layers.append(Conv2d(c, f, kernel_size=3, padding=1))
         if batch_norm:
             layers.append(BatchNorm2d(f))
@@ -102,11 +105,13 @@ class VGG(Layer):
         pool_size    the classic head's pooled side: 7 as torchvision, 1 for 32x32 inputs
         dropout      p of the Dropout after each hidden Linear
         init         'kaiming' (torchvision's) or 'xavier' (d2l's), see init_weights
+        channels     every conv's width in order, overriding width_ratio (a pruned VGG's;
+                     see minivgg.models.prune)
     """
 
     def __init__(self, arch: str = "vgg16", num_classes: int = 1000, in_channels: int = 3,
                  width_ratio: int = 1, head: str = "classic", hidden=None, pool_size: int = 7,
-                 dropout: float = 0.5, init: str = "kaiming"):
+                 dropout: float = 0.5, init: str = "kaiming", channels=None):
         super().__init__()
         base, batch_norm = parse_arch(arch)
         _check_int("num_classes", num_classes, 1)
@@ -130,14 +135,23 @@ class VGG(Layer):
 
         self.arch = f"{base}_bn" if batch_norm else base
         self.cfg = CONFIGS[ARCHS[base]]
+        n_convs = sum(v != "M" for v in self.cfg)
+        if channels is not None:
+            channels = [int(c) for c in channels]
+            if len(channels) != n_convs or min(channels) < 1:
+                raise ValueError(f"channels must list {n_convs} positive widths, one per "
+                                 f"convolution of {self.arch}, got {channels}")
         self.in_channels = int(in_channels)
         self.config = {"arch": self.arch, "num_classes": int(num_classes),
                        "in_channels": int(in_channels), "width_ratio": int(width_ratio),
                        "head": head, "hidden": list(hidden), "pool_size": int(pool_size),
                        "dropout": float(dropout), "init": init}
+        if channels is not None:
+            self.config["channels"] = channels
 
-        self.features = make_features(self.cfg, in_channels, batch_norm, width_ratio)
-        c_last = [v for v in self.cfg if v != "M"][-1] // width_ratio
+        self.features = make_features(self.cfg, in_channels, batch_norm, width_ratio, channels)
+        c_last = channels[-1] if channels is not None else \
+            [v for v in self.cfg if v != "M"][-1] // width_ratio
         p = pool_size if head == "classic" else 1
         self.avgpool = AdaptiveAvgPool2d(p)
         self.flatten = Flatten()  # torchvision calls torch.flatten(x, 1) here: no parameters
@@ -231,7 +245,7 @@ def build_model(config: dict) -> VGG:
     if not isinstance(config, dict) or "arch" not in config:
         raise ValueError(f"build_model: expected a dict with at least an 'arch' key, got {config!r}")
     allowed = {"arch", "num_classes", "in_channels", "width_ratio", "head", "hidden",
-               "pool_size", "dropout", "init"}
+               "pool_size", "dropout", "init", "channels"}
     unknown = sorted(set(config) - allowed)
     if unknown:
         raise ValueError(f"build_model: unknown config keys {unknown}; expected some of {sorted(allowed)}")
