@@ -65,3 +65,32 @@ def test_bad_arguments_are_named():
         prune(model, 1.0, "l1")
     with pytest.raises(ValueError, match="channels must list 8 positive widths"):
         VGG("vgg11", channels=[4] * 7)
+
+
+def test_l1_penalty_subgradient_gradcheck_away_from_zero(device):
+    """dL/dgamma of (sum(G * out) + lam * sum|gamma|): the layer's gradient plus lam * sign(gamma)."""
+    from minivgg import backend
+    from minivgg.gradcheck import numerical_gradient, relative_error
+    from minivgg.layers import BatchNorm2d
+    rng = np.random.default_rng(0)
+    bn = BatchNorm2d(3).astype(np.float64).to(device)
+    bn.params["weight"][...] = backend.to_device(np.array([0.7, -0.4, 1.3]), device)  # away from 0
+    x = backend.to_device(rng.normal(size=(4, 3, 3, 2)), device)
+    G = backend.to_device(rng.normal(size=(4, 3, 3, 2)), device)
+    lam = 0.3
+
+    def loss():
+        return (G * bn.forward(x)).sum() + lam * np.abs(backend.to_numpy(bn.params["weight"])).sum()
+
+    bn.forward(x)
+    bn.backward(G)
+    penalty = bn.l1_penalty(lam)
+    assert float(backend.to_numpy(penalty)) == pytest.approx(lam * 2.4)
+    numeric = numerical_gradient(loss, bn.params["weight"])
+    assert relative_error(bn.grads["weight"], numeric) < 1e-6
+    bn.params["weight"][...] = 0                                  # at the kink: subgradient 0
+    bn.forward(x)
+    bn.backward(G)
+    before = backend.to_numpy(bn.grads["weight"]).copy()
+    bn.l1_penalty(lam)
+    np.testing.assert_array_equal(backend.to_numpy(bn.grads["weight"]), before)

@@ -96,6 +96,18 @@ class BatchNorm2d(Layer):
         dx += mean_term.reshape(1, C, 1, 1)
         return dx
 
+    def l1_penalty(self, strength: float):
+        """Network slimming's sparsity term: adds strength * sum|gamma| to the loss; returns it.
+
+        Call after backward (which overwrites grads). |gamma| has no derivative at 0; its
+        subgradient sign(gamma), 0 at 0, is the one used (Liu et al. 2017):
+            dL/dgamma += strength * sign(gamma)
+        """
+        xp = backend.get_array_module(self.params["weight"])
+        gamma = self.params["weight"]                                      # (C,)
+        self.grads["weight"] = self.grads["weight"] + gamma.dtype.type(strength) * xp.sign(gamma)
+        return gamma.dtype.type(strength) * xp.abs(gamma).sum()            # ()
+
     def __repr__(self):
         return f"BatchNorm2d({self.num_features}, eps={self.eps}, momentum={self.momentum})"
 
