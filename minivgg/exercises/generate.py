@@ -49,9 +49,9 @@ EXERCISES: tuple[Exercise, ...] = (
               "Send each dout element to that one pixel only (+= where windows overlap); pad_input "
               "and a crop handle the padding.")),
     Exercise("conv", "minivgg.layers.conv", "Conv2d", ("backward",),
-             ("Write dout as D (F, OH*OW*N), columns in im2col's (oh, ow, n) order: "
-              "db = D summed over columns, dW = D @ cols^T, dx = col2im(Wm^T @ D).",
-              "The columns forward kept may be None: rebuild them with im2col(x, ...).")),
+             ("Forward is one matrix product out = Wm @ cols: transcribe the docstring's Backward "
+              "lines, dW = D @ cols^T and dx = col2im(Wm^T @ D), with D = dout laid out as that product.",
+              "Rebuild the columns with im2col when forward did not keep them; db sums D over its columns.")),
     Exercise("batchnorm", "minivgg.layers.norm", "BatchNorm2d", ("backward",),
              ("mu and var depend on every x of the channel: dx has the two mean terms of the docstring.",
               "In eval the statistics are constants: dx = dout * gamma / sqrt(running_var + eps).")),

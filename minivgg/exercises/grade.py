@@ -350,7 +350,9 @@ def check_workspace(directory, names=None) -> list[Result]:
     return [grade_one(Path(directory), n) for n in names]
 
 
-def report(results: list[Result], out=sys.stdout) -> None:
+def report(results: list[Result], out=None) -> None:
+    """Each unfinished exercise's detail, then the progress table."""
+    out = out or sys.stdout
     for r in results:
         if r.status != "passed":
             print(f"--- {r.name}: {r.status}\n{r.detail}\n", file=out)
