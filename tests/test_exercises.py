@@ -9,7 +9,7 @@ import pytest
 from minivgg.data.fashion_mnist import find_fashion_mnist
 from minivgg.exercises import EXERCISES, exercise_source, init_workspace
 from minivgg.exercises.__main__ import main
-from minivgg.exercises.generate import BY_NAME, GAP, WorkspaceError, shipped_source
+from minivgg.exercises.generate import BY_NAME, GAP, WorkspaceError, exercise_source_for, shipped_source
 from minivgg.exercises.grade import check_workspace
 
 NAMES = [e.name for e in EXERCISES]
@@ -69,6 +69,14 @@ def test_exercise_follows_the_textbook_source():
     assert "from minivgg.layers.base import Layer" in text   # relative imports made absolute
     solved_text = exercise_source(changed, ex, package, solved=True)
     assert "return dout * (x > 0)" in solved_text
+
+
+def test_a_kernel_that_is_the_answer_is_withheld():
+    """MaxPool2d's backward is one kernel call: the exercise does not import that kernel."""
+    gap = exercise_source_for(BY_NAME["maxpool"])
+    assert "maxpool_backward" not in gap.split("class MaxPool2d")[0]
+    assert "maxpool_forward" in gap.split("class MaxPool2d")[0]
+    compile(gap, "maxpool.py", "exec")
 
 
 # Each exercise's classic bug, planted as a subclass of the learner's (solved) class, and the

@@ -28,6 +28,7 @@ class Exercise:
     cls: str             # the class the learner completes
     gaps: tuple          # the methods whose bodies become gaps
     hints: tuple         # a hint or two, shown as comments in the gap
+    withhold: tuple = () # imported names that would be the answer (a kernel doing the backward)
 
 
 # The order of the workspace README: simplest first.
@@ -47,7 +48,7 @@ EXERCISES: tuple[Exercise, ...] = (
     Exercise("maxpool", "minivgg.layers.pool", "MaxPool2d", ("backward",),
              ("argmax[n, c, i, j] = kh*KW + kw, the offset in window (i, j) of its first maximum.",
               "Send each dout element to that one pixel only (+= where windows overlap); pad_input "
-              "and a crop handle the padding.")),
+              "and a crop handle the padding."), ("maxpool_backward",)),
     Exercise("conv", "minivgg.layers.conv", "Conv2d", ("backward",),
              ("Forward is one matrix product out = Wm @ cols: transcribe the docstring's Backward "
               "lines, dW = D @ cols^T and dx = col2im(Wm^T @ D), with D = dout laid out as that product.",
@@ -85,6 +86,10 @@ def exercise_source(source: str, ex: Exercise, package: str, solved: bool = Fals
     out.append(f'"""Exercise {ex.name}: write {ex.cls}.{" and ".join(ex.gaps)} '
                f'(the solution is {ex.module}).\n\n{doc or ""}"""')
     for node in tree.body:   # imports, made absolute: the helpers come from the installed minivgg
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and not solved:
+            node = _without(node, ex.withhold)
+        if node is None:
+            continue
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")[:len(package.split(".")) - (node.level - 1)]
@@ -119,6 +124,15 @@ def _class_with_gaps(lines, cls, gapped, ex) -> list[str]:
         gap.append(f'{indent}raise NotImplementedError("{GAP} write {ex.cls}.{m.name}")')
         text[first - start:m.end_lineno - start + 1] = gap
     return text
+
+
+def _without(node, names):
+    """The import statement without the aliases in `names` (None if nothing is left)."""
+    kept = [a for a in node.names if (a.asname or a.name) not in names]
+    if not kept:
+        return None
+    copy = ast.ImportFrom(node.module, kept, node.level) if isinstance(node, ast.ImportFrom) else ast.Import(kept)
+    return copy
 
 
 def _cache_lines(cls) -> list[str]:
