@@ -356,7 +356,7 @@ def report(results: list[Result], out=None) -> None:
     for r in results:
         if r.status != "passed":
             print(f"--- {r.name}: {r.status}\n{r.detail}\n", file=out)
-    width = max(len(r.name) for r in results)
+    width = max([len("exercise")] + [len(r.name) for r in results])
     print(f"{'exercise':<{width}}  status", file=out)
     for r in results:
         print(f"{r.name:<{width}}  {r.status}", file=out)
