@@ -193,6 +193,13 @@ def test_learners_exception_shows_their_traceback(solved):
     assert str(solved / "relu.py") in result.detail and "grade.py" not in result.detail
 
 
+def test_a_syntax_error_is_shown_in_the_learners_file(solved):
+    (solved / "relu.py").write_text("def backward(self, dout:\n")
+    (result,) = check_workspace(solved, ["relu"])
+    assert result.status == "failed" and "SyntaxError" in result.detail
+    assert str(solved / "relu.py") in result.detail and "line 1" in result.detail
+
+
 def test_check_rejects_an_unknown_exercise_before_grading(solved, capsys):
     with pytest.raises(ValueError, match="unknown exercise 'relux'.*relu, linear"):
         check_workspace(solved, ["relux"])
@@ -236,3 +243,24 @@ def test_train_runs_on_the_learners_layers(solved):
     assert relu.CALLS["forward"] >= 2 * 10 + 10    # and the test batch
     assert run["test"]["n"] == 64 and np.isfinite(run["test"]["loss"])
     assert len(run["history"]) == 1
+
+
+@pytest.mark.skipif(find_fashion_mnist("train") is None or find_fashion_mnist("test") is None,
+                    reason="Fashion-MNIST is not installed")
+def test_train_command_refuses_unfinished_work_then_trains(tmp_path, capsys):
+    init_workspace(tmp_path / "ws")
+    assert main(["train", str(tmp_path / "ws"), "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "pass check first" in err and "relu (not started)" in err and "adam (not started)" in err
+    init_workspace(tmp_path / "done", solved=True)
+    assert main(["train", str(tmp_path / "done"), "--epochs", "0"]) == 2
+    assert "--epochs must be at least 1" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "done"), "--epochs", "1", "--train-subset", "64",
+                 "--test-subset", "32", "--batch-size", "32"]) == 0
+    assert "36 layers were yours; test top-1" in capsys.readouterr().out
+    assert (tmp_path / "done" / "run" / "history.json").is_file()
+
+
+def test_check_of_a_missing_workspace_says_so(tmp_path, capsys):
+    assert main(["check", str(tmp_path / "nowhere")]) == 2
+    assert "no workspace at" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from ..optim import make_scheduler
 from ..train import Trainer
 from ..train.metrics import evaluate
 from .generate import EXERCISES
-from .grade import load
+from .grade import check_workspace, load
 
 # The quick start's model (examples/train_vgg11.py defaults): VGG-11-BN at 1/8 width,
 # 32x32 inputs, a 256-256 head on a 1x1 pool, no dropout, Xavier init; Adam 2e-3.
@@ -52,7 +52,14 @@ def substitute(model, classes: dict):
 
 def train(directory, epochs: int = 12, batch_size: int = 128, lr: float = 2e-3, train_subset=None,
           test_subset=None, seed: int = 0, out_dir=None, data_dir=None, progress: bool = True) -> dict:
-    """Train on the learner's layers; returns {'history', 'test', 'swapped'}."""
+    """Train on the learner's layers; returns {'history', 'test', 'swapped'}.
+
+    Refuses (ValueError) unless every exercise passes `check` first: a gap or a wrong gradient
+    would otherwise surface as a crash, or a run that learns nothing, minutes in.
+    """
+    unfinished = [f"{r.name} ({r.status})" for r in check_workspace(directory) if r.status != "passed"]
+    if unfinished:
+        raise ValueError(f"training needs every exercise to pass check first; not yet: {', '.join(unfinished)}")
     classes = learner_classes(directory)
     backend.seed(seed)
     images, labels = load_fashion_mnist("train", data_dir=data_dir)
