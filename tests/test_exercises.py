@@ -36,11 +36,17 @@ def test_fresh_workspace_fails_every_exercise_as_not_started(tmp_path, capsys):
     assert f"0 of {len(NAMES)} passed" in capsys.readouterr().out
 
 
-def test_shipped_solutions_pass_every_exercise(solved, capsys):
-    results = check_workspace(solved)
+def test_shipped_solutions_pass_every_exercise(solved, device, capsys):
+    results = check_workspace(solved, device=device)
     assert [(r.name, r.status, r.detail) for r in results] == [(n, "passed", "") for n in NAMES]
-    assert main(["check", str(solved), "relu", "conv"]) == 0
+    assert main(["check", str(solved), "relu", "conv", "--device", device]) == 0
     assert "2 of 2 passed" in capsys.readouterr().out
+
+
+def test_planted_bug_is_found_on_the_gpu_path_too(solved, device):
+    plant(solved, "conv", PLANTED["conv"][0])
+    (result,) = check_workspace(solved, ["conv"], device=device)
+    assert result.status == "failed" and "dL/dweight is wrong" in result.detail, result.detail
 
 
 def test_init_refuses_a_workspace_that_holds_work(tmp_path):

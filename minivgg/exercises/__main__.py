@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("check", help="grade the workspace's exercises (all, or the NAMEs given)")
     p.add_argument("dir")
     p.add_argument("names", nargs="*", metavar="NAME", help=f"exercises to grade, from: {ORDER}")
+    p.add_argument("--device", default="cpu", help="run your code on 'cpu' (default) or 'gpu' (CuPy)")
     p = sub.add_parser("train", help="train VGG-11-BN on Fashion-MNIST with your layers")
     p.add_argument("dir")
     p.add_argument("--epochs", type=int, default=12, help="epochs (default 12, the quick start's)")
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
             print(f"start with {a.dir}/README.md; grade with: python -m minivgg.exercises check {a.dir}")
             return 0
         if a.command == "check":
-            results = check_workspace(a.dir, a.names)
+            results = check_workspace(a.dir, a.names, device=a.device)
             report(results)
             return 0 if all(r.status == "passed" for r in results) else 1
         from .train import train

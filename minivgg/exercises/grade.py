@@ -50,24 +50,42 @@ def worst(what: str, key: str, err: GradError, yours="yours", theirs="numerical"
             f"{yours} {err.analytic:.6g}, {theirs} {err.numeric:.6g}")
 
 
+DEVICE = "cpu"   # where check runs the learner's code: 'cpu', or 'gpu' (CuPy, or its stand-in)
+
+
+def dev(a):
+    """An array or a layer on DEVICE (inputs are made on the host, then moved)."""
+    return a.to(DEVICE) if hasattr(a, "modules") else backend.to_device(a, DEVICE)
+
+
+@contextlib.contextmanager
+def on_device(device: str):
+    global DEVICE
+    old, DEVICE = DEVICE, device
+    try:
+        yield
+    finally:
+        DEVICE = old
+
+
 # -- the three kinds of check --------------------------------------------------------------
 def gradcheck(what: str, layer, x) -> None:
     """float64 central differences for dx and every parameter."""
-    for key, err in check_layer(layer, x).items():
+    for key, err in check_layer(dev(layer), dev(x)).items():
         if not err <= GRAD_TOL:
             raise Failed(worst(what, key, err))
 
 
 def contracts(what: str, layer, x) -> None:
     """float32: x and dout unchanged, dx shaped and typed like x, a grad for every param."""
-    x_before = x.copy()
+    layer, x_before, x = dev(layer), x.copy(), dev(x)
     out = layer.forward(x)
-    dout = np.random.default_rng(1).standard_normal(out.shape).astype(x.dtype)
-    dout_before = dout.copy()
+    dout_before = np.random.default_rng(1).standard_normal(out.shape).astype(x.dtype)
+    dout = dev(dout_before)
     dx = layer.backward(dout)
-    if not np.array_equal(dout, dout_before):
+    if not np.array_equal(backend.to_numpy(dout), dout_before):
         raise Failed(f"{what}: backward wrote into dout (its argument); compute into a new array")
-    if not np.array_equal(x, x_before):
+    if not np.array_equal(backend.to_numpy(x), x_before):
         raise Failed(f"{what}: the input x was changed; never write into an argument")
     if getattr(dx, "shape", None) != x.shape or dx.dtype != x.dtype:
         raise Failed(f"{what}: dx is {getattr(dx, 'dtype', type(dx).__name__)} {getattr(dx, 'shape', '')}, "
@@ -84,11 +102,12 @@ def torch_parity(what: str, layer, x, torch_fn) -> None:
     torch = _torch()
     if torch is None:
         return
-    out = layer.forward(x)
+    layer = dev(layer)
+    out = layer.forward(dev(x))
     G = np.random.default_rng(2).standard_normal(out.shape).astype(x.dtype)
-    dx = layer.backward(G)
+    dx = layer.backward(dev(G))
     xt = torch.tensor(x, requires_grad=True)
-    pt = {k: torch.tensor(np.array(p), requires_grad=True) for k, p in layer.params.items()}
+    pt = {k: torch.tensor(backend.to_numpy(p), requires_grad=True) for k, p in layer.params.items()}
     yt = torch_fn(xt, pt)
     (yt * torch.tensor(G)).sum().backward()
     err = GradError(out, yt.detach().numpy())
@@ -176,23 +195,24 @@ def grade_softmax_ce(m):
     torch, F = _torch(), _functional()
     for n, k, eps in [(1, 4, 0.0), (5, 7, 0.0), (4, 3, 0.1)]:
         what = f"SoftmaxCrossEntropy(label_smoothing={eps}) on logits ({n}, {k})"
-        z = normal((n, k)) * 2
-        y = np.random.default_rng(1).integers(0, k, n)
+        z_host = normal((n, k)) * 2
+        y = dev(np.random.default_rng(1).integers(0, k, n))
+        z = dev(z_host)
         loss = m.SoftmaxCrossEntropy(label_smoothing=eps)
         err = check_function(lambda: loss.forward(z, y), lambda G: {"logits": loss.backward(G)},
                              {"logits": z})["logits"]
         if not err <= GRAD_TOL:
             raise Failed(worst(what, "logits", err))
-        z32 = z.astype(np.float32)
-        z_before = z32.copy()
+        z_before = z_host.astype(np.float32)
+        z32 = dev(z_before.copy())
         loss.forward(z32, y)
         dz = loss.backward()
-        if not np.array_equal(z32, z_before) or getattr(dz, "dtype", None) != np.float32 or dz.shape != z.shape:
+        if not np.array_equal(backend.to_numpy(z32), z_before) or getattr(dz, "dtype", None) != np.float32 or dz.shape != z.shape:
             raise Failed(f"{what}: backward() must leave the logits unchanged and return float32 "
                          f"{z.shape}, got {getattr(dz, 'dtype', type(dz).__name__)} {getattr(dz, 'shape', '')}")
         if torch is not None:
-            zt = torch.tensor(z32, requires_grad=True)
-            F.cross_entropy(zt, torch.tensor(y), label_smoothing=eps).backward()
+            zt = torch.tensor(z_before, requires_grad=True)
+            F.cross_entropy(zt, torch.tensor(backend.to_numpy(y)), label_smoothing=eps).backward()
             err = GradError(dz, zt.grad.numpy())
             if not err <= TORCH_BWD:
                 raise Failed(worst(what, "logits", err, theirs="PyTorch"))
@@ -210,7 +230,7 @@ def grade_maxpool(m):
     x = np.zeros((1, 2, 4, 4))
     x[0, 1, 1:3, 1:3] = 1.0
     what = "MaxPool2d(kernel_size=2, stride=2) on tied windows"
-    G = normal((1, 2, 2, 2), seed=3)
+    x, G = dev(x), dev(normal((1, 2, 2, 2), seed=3))
     mine = m.MaxPool2d(2, 2)
     mine.forward(x)
     ref = MaxPool2d(2, 2)
@@ -261,36 +281,38 @@ def grade_adam(m):
     torch = _torch()
     for wd in (0.0, 0.1):
         what = f"Adam(lr=0.01, weight_decay={wd})"
-        models = [make(Linear, 3, 2), make(Linear, 3, 2)]
-        p0 = {k: p.copy() for k, p in models[0].params.items()}
+        models = [dev(make(Linear, 3, 2)), dev(make(Linear, 3, 2))]
+        p0 = {k: backend.to_numpy(p).copy() for k, p in models[0].params.items()}
         opts = [m.Adam(models[0], lr=0.01, weight_decay=wd), Adam(models[1], lr=0.01, weight_decay=wd)]
         rng = np.random.default_rng(6)
         for step in range(1, 4):
             for key in p0:
                 g = rng.standard_normal(p0[key].shape)
                 for model in models:
-                    model.grads[key] = g.copy()
+                    model.grads[key] = dev(g)
             for opt in opts:
                 opt.step()
             for key in p0:
-                err = GradError(models[0].params[key] - p0[key], models[1].params[key] - p0[key])
+                err = GradError(backend.to_numpy(models[0].params[key]) - p0[key],
+                                backend.to_numpy(models[1].params[key]) - p0[key])
                 if not err <= 1e-10:
                     raise Failed(f"{what}, step {step}: the change of {key} is wrong (relative error "
                                  f"{float(err):.1e}); worst element {err.index}: yours {err.analytic:.6g}, "
                                  f"expected {err.numeric:.6g}")
         if torch is not None:   # float32, against torch.optim.Adam
-            model = make(Linear, 3, 2, dtype=np.float32)
-            start = {k: p.copy() for k, p in model.params.items()}
-            tp = {k: torch.tensor(p.copy(), requires_grad=True) for k, p in model.params.items()}
+            model = dev(make(Linear, 3, 2, dtype=np.float32))
+            start = {k: backend.to_numpy(p).copy() for k, p in model.params.items()}
+            tp = {k: torch.tensor(p.copy(), requires_grad=True) for k, p in start.items()}
             opt, topt = m.Adam(model, lr=0.01, weight_decay=wd), torch.optim.Adam(tp.values(), lr=0.01, weight_decay=wd)
             for _ in range(3):
                 for key in start:
                     g = rng.standard_normal(start[key].shape).astype(np.float32)
-                    model.grads[key], tp[key].grad = g, torch.tensor(g)
+                    model.grads[key], tp[key].grad = dev(g), torch.tensor(g)
                 opt.step()
                 topt.step()
             for key in start:
-                err = GradError(model.params[key] - start[key], tp[key].detach().numpy() - start[key])
+                err = GradError(backend.to_numpy(model.params[key]) - start[key],
+                                tp[key].detach().numpy() - start[key])
                 if not err <= TORCH_BWD:
                     raise Failed(f"{what}, 3 steps in float32: the change of {key} differs from PyTorch "
                                  f"(relative error {float(err):.1e}); worst element {err.index}: yours "
@@ -335,12 +357,12 @@ def learner_traceback(e: BaseException, path: Path) -> str:
     theirs = [f for f in frames if Path(f.filename).resolve() == path.resolve()]
     if isinstance(e, SyntaxError) and e.filename and Path(e.filename).resolve() == path.resolve():
         theirs = []
-    lines = ["Traceback (your code):\n"] + traceback.format_list(theirs or frames)
+    lines = ["Traceback (your code):\n" if theirs else "Traceback:\n"] + traceback.format_list(theirs or frames)
     return "".join(lines + traceback.format_exception_only(type(e), e)).rstrip()
 
 
-def check_workspace(directory, names=None) -> list[Result]:
-    """Grade the named exercises (all, in order, by default)."""
+def check_workspace(directory, names=None, device: str = "cpu") -> list[Result]:
+    """Grade the named exercises (all, in order, by default), running them on `device`."""
     names = list(names) if names else [e.name for e in EXERCISES]
     unknown = [n for n in names if n not in BY_NAME]
     if unknown:
@@ -348,7 +370,10 @@ def check_workspace(directory, names=None) -> list[Result]:
                          f"the exercises are {', '.join(e.name for e in EXERCISES)}")
     if not Path(directory).is_dir():
         raise FileNotFoundError(f"no workspace at {directory}: make one with `init {directory}`")
-    return [grade_one(Path(directory), n) for n in names]
+    if backend.parse_device(device)[0] == "gpu" and not backend.gpu_available():   # before any grading
+        raise ValueError(f"device {device!r} asked for, but no GPU (CuPy with a CUDA device) is available")
+    with on_device(device):
+        return [grade_one(Path(directory), n) for n in names]
 
 
 def report(results: list[Result], out=None) -> None:
