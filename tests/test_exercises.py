@@ -270,3 +270,70 @@ def test_train_command_refuses_unfinished_work_then_trains(tmp_path, capsys):
 def test_check_of_a_missing_workspace_says_so(tmp_path, capsys):
     assert main(["check", str(tmp_path / "nowhere")]) == 2
     assert "no workspace at" in capsys.readouterr().err
+
+
+# A short textbook Conv2d (im2col + GEMM, the bias added afterwards, col2im for dx), written
+# as conv.py would be: the grader must take any Conv2d that keeps the layer API.
+TEXTBOOK_CONV = '''"""Conv2d by im2col + GEMM, the textbook way."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import backend
+from ..kernels import col2im, im2col, out_size
+from .base import Layer, pair
+
+
+class Conv2d(Layer):
+    """out = Wm @ im2col(x) + b;  dW = D @ cols^T,  db = D @ 1,  dx = col2im(Wm^T @ D)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
+                 dtype=np.float32):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = pair(kernel_size), pair(stride), pair(padding)
+        KH, KW = self.kernel_size
+        bound = 1.0 / math.sqrt(in_channels * KH * KW)
+        rng = backend.get_rng()
+        self.params["weight"] = rng.uniform(-bound, bound, (out_channels, in_channels, KH, KW)).astype(dtype)
+        if bias:
+            self.params["bias"] = rng.uniform(-bound, bound, (out_channels,)).astype(dtype)
+
+    def forward(self, x):
+        self.check_input(x, ndim=4, channels=self.in_channels)
+        N, C, H, W = x.shape
+        (KH, KW), (sh, sw), (ph, pw), F = self.kernel_size, self.stride, self.padding, self.out_channels
+        OH, OW = out_size(H, KH, sh, ph), out_size(W, KW, sw, pw)
+        cols = im2col(x, KH, KW, self.stride, self.padding)               # (C*KH*KW, OH*OW*N)
+        out = (self.params["weight"].reshape(F, -1) @ cols).reshape(F, OH, OW, N).transpose(3, 0, 1, 2)
+        if "bias" in self.params:
+            out = out + self.params["bias"].reshape(1, F, 1, 1)            # (N, F, OH, OW)
+        self.cache = (x, cols)
+        return out
+
+    def backward(self, dout):
+        x, cols = self.saved()
+        (KH, KW), F = self.kernel_size, self.out_channels
+        D = dout.transpose(1, 2, 3, 0).reshape(F, -1)                     # (F, OH*OW*N)
+        self.grads["weight"] = (D @ cols.T).reshape(self.params["weight"].shape)
+        if "bias" in self.params:
+            self.grads["bias"] = D.sum(axis=1)                             # (F,)
+        return col2im(self.params["weight"].reshape(F, -1).T @ D, x.shape, KH, KW, self.stride, self.padding)
+'''
+
+
+def test_a_textbook_conv2d_makes_an_exercise_graded_through_the_layer_api(tmp_path):
+    ex = BY_NAME["conv"]
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "conv.py").write_text(exercise_source(TEXTBOOK_CONV, ex, "minivgg.layers"))
+    assert "from minivgg.kernels import col2im, im2col, out_size" in (ws / "conv.py").read_text()
+    assert [r.status for r in check_workspace(ws, ["conv"])] == ["not started"]
+    (ws / "conv.py").write_text(exercise_source(TEXTBOOK_CONV, ex, "minivgg.layers", solved=True))
+    assert [(r.status, r.detail) for r in check_workspace(ws, ["conv"])] == [("passed", "")]
+    (ws / "conv.py").write_text(exercise_source(TEXTBOOK_CONV.replace("D.sum(axis=1)", "D.sum(axis=1) / 2"),
+                                                ex, "minivgg.layers", solved=True))
+    (result,) = check_workspace(ws, ["conv"])
+    assert result.status == "failed" and "dL/dbias is wrong" in result.detail
