@@ -94,7 +94,7 @@ def exercise_source(source: str, ex: Exercise, package: str, solved: bool = Fals
             if node.level:
                 base = package.split(".")[:len(package.split(".")) - (node.level - 1)]
                 node = ast.ImportFrom(".".join(base + ([node.module] if node.module else [])), node.names, 0)
-            out.append(ast.unparse(node))
+            out.append(ast.unparse(node) + ("\n" if node.module == "__future__" else ""))
         elif isinstance(node, ast.Import):
             out.append(ast.unparse(node))
     used = _names_outside_gaps(cls, () if solved else ex.gaps) & (set(top) | _assigned(tree)) - {ex.cls}
@@ -118,8 +118,9 @@ def _class_with_gaps(lines, cls, gapped, ex) -> list[str]:
             body = body[1:]   # keep the method's docstring
         first = body[0].lineno if body else m.end_lineno + 1
         indent = " " * (m.col_offset + 4)
-        gap = [f"{indent}# TODO ({ex.name}): {line}" for h in ex.hints
-               for line in textwrap.wrap(h, 96 - len(indent))]
+        todo = f"# TODO ({ex.name}): "
+        gap = [f"{indent}{'#'.ljust(len(todo)) if i else todo}{line}" for h in ex.hints
+               for i, line in enumerate(textwrap.wrap(h, 100 - len(indent) - len(todo)))]
         gap += [f"{indent}# forward left you: {c}" for c in _cache_lines(cls)] if m.name == "backward" else []
         gap.append(f'{indent}raise NotImplementedError("{GAP} write {ex.cls}.{m.name}")')
         text[first - start:m.end_lineno - start + 1] = gap
