@@ -215,7 +215,7 @@ def test_check_rejects_an_unknown_exercise_before_grading(solved, capsys):
 
 @pytest.mark.skipif(find_fashion_mnist("train") is None or find_fashion_mnist("test") is None,
                     reason="Fashion-MNIST is not installed")
-def test_train_runs_on_the_learners_layers(solved):
+def test_train_runs_on_the_learners_layers(solved, device):
     """A short run on 128 images; a counter planted in the learner's ReLU proves their code ran."""
     plant(solved, "relu", """
         CALLS = {"forward": 0, "backward": 0}
@@ -239,7 +239,7 @@ def test_train_runs_on_the_learners_layers(solved):
     train_mod.load = spy
     try:
         run = train_mod.train(solved, epochs=1, batch_size=64, train_subset=128, test_subset=64,
-                              out_dir=solved / "run", progress=False)
+                              out_dir=solved / "run", progress=False, device=device)
     finally:
         train_mod.load = real_load
     relu = next(m for m in loaded if hasattr(m, "CALLS"))

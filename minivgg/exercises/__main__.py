@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="run directory (default DIR/run)")
     p.add_argument("--data-dir", default=None, help="where Fashion-MNIST is (default: the usual places)")
+    p.add_argument("--device", default="cpu", help="'cpu' (default) or 'gpu' (CuPy)")
     a = ap.parse_args(argv)
     try:
         if a.command == "init":
@@ -57,7 +58,8 @@ def main(argv=None) -> int:
         if a.epochs < 1:
             raise ValueError(f"--epochs must be at least 1, got {a.epochs}")
         run = train(a.dir, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, train_subset=a.train_subset,
-                    test_subset=a.test_subset, seed=a.seed, out_dir=a.out, data_dir=a.data_dir)
+                    test_subset=a.test_subset, seed=a.seed, out_dir=a.out, data_dir=a.data_dir,
+                    device=a.device)
         t = run["test"]
         print(f"{run['swapped']} layers were yours; test top-1 {t['top1']:.4f} on {t['n']} images, "
               f"loss {t['loss']:.4f}")

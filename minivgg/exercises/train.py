@@ -51,13 +51,15 @@ def substitute(model, classes: dict):
 
 
 def train(directory, epochs: int = 12, batch_size: int = 128, lr: float = 2e-3, train_subset=None,
-          test_subset=None, seed: int = 0, out_dir=None, data_dir=None, progress: bool = True) -> dict:
+          test_subset=None, seed: int = 0, out_dir=None, data_dir=None, progress: bool = True,
+          device: str = "cpu") -> dict:
     """Train on the learner's layers; returns {'history', 'test', 'swapped'}.
 
     Refuses (ValueError) unless every exercise passes `check` first: a gap or a wrong gradient
     would otherwise surface as a crash, or a run that learns nothing, minutes in.
     """
-    unfinished = [f"{r.name} ({r.status})" for r in check_workspace(directory) if r.status != "passed"]
+    unfinished = [f"{r.name} ({r.status})" for r in check_workspace(directory, device=device)
+                  if r.status != "passed"]
     if unfinished:
         raise ValueError(f"training needs every exercise to pass check first; not yet: {', '.join(unfinished)}")
     classes = learner_classes(directory)
@@ -72,16 +74,17 @@ def train(directory, epochs: int = 12, batch_size: int = 128, lr: float = 2e-3, 
     xt = prepare_images(test_images, size=(32, 32))
     norm = compute_mean_std(x)
     flips = transforms.RandomHorizontalFlip()                              # the quick start's augmentation
-    train_loader = DataLoader(x, labels, batch_size, shuffle=True, seed=seed, normalize=norm, transform=flips)
-    test_loader = DataLoader(xt, test_labels, batch_size, shuffle=False, normalize=norm)
-    model = VGG(**MODEL)
+    train_loader = DataLoader(x, labels, batch_size, shuffle=True, seed=seed, normalize=norm, transform=flips,
+                              device=device)
+    test_loader = DataLoader(xt, test_labels, batch_size, shuffle=False, normalize=norm, device=device)
+    model = VGG(**MODEL)          # on the host; the Trainer moves it to `device`
     swapped = substitute(model, classes)
     optimizer = classes["Adam"](model, lr=lr)
     schedule = make_scheduler("cosine", optimizer, epochs, len(train_loader))
     out = Path(out_dir) if out_dir is not None else Path(directory) / "run"
     trainer = Trainer(model, optimizer, train_loader, loss_fn=classes["SoftmaxCrossEntropy"](), scheduler=schedule,
                       out_dir=out, class_names=FASHION_MNIST_CLASSES, plots=False, progress=progress,
-                      checkpoints=False)
+                      checkpoints=False, device=device)
     history = trainer.fit(epochs)
     test = evaluate(model, test_loader, classes["SoftmaxCrossEntropy"]())
     return {"history": history, "test": {"loss": float(test["loss"]), "top1": float(test["top1"]),
