@@ -212,7 +212,7 @@ def init_workspace(directory, solved: bool = False) -> list[Path]:
                              f"{'...' if len(held) > 5 else ''}); a workspace is only written into an "
                              "empty or new directory, so no work is overwritten")
     d.mkdir(parents=True, exist_ok=True)
-    files = {f"{e.name}.py": exercise_source(*_source(e), solved=solved) for e in EXERCISES}
+    files = {f"{e.name}.py": exercise_source_for(e, solved=solved) for e in EXERCISES}
     files["README.md"] = readme()
     written = []
     for name, text in files.items():
@@ -220,13 +220,10 @@ def init_workspace(directory, solved: bool = False) -> list[Path]:
     return written
 
 
-def _source(ex):
-    src, package = shipped_source(ex)
-    return src, ex, package
-
-
 def exercise_source_for(ex: Exercise, solved: bool = False) -> str:
-    return exercise_source(*_source(ex), solved=solved)
+    """The workspace file for `ex`, cut from the installed minivgg's source of it."""
+    src, package = shipped_source(ex)
+    return exercise_source(src, ex, package, solved=solved)
 
 
 def _write_atomic(path: Path, text: str) -> Path:

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from .. import backend
-from ..data import DataLoader, FASHION_MNIST_CLASSES, load_fashion_mnist, prepare_images
-from ..data import transforms
+from ..data import FASHION_MNIST_CLASSES, DataLoader, load_fashion_mnist, prepare_images, transforms
 from ..data.transforms import compute_mean_std
 from ..models.vgg import VGG
 from ..optim import make_scheduler
