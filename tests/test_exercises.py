@@ -294,12 +294,10 @@ class Conv2d(Layer):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = pair(kernel_size), pair(stride), pair(padding)
-        KH, KW = self.kernel_size
-        bound = 1.0 / math.sqrt(in_channels * KH * KW)
-        rng = backend.get_rng()
-        self.params["weight"] = rng.uniform(-bound, bound, (out_channels, in_channels, KH, KW)).astype(dtype)
+        shape = (out_channels, in_channels) + self.kernel_size
+        self.params["weight"] = (backend.get_rng().standard_normal(shape) / math.prod(shape[1:])).astype(dtype)
         if bias:
-            self.params["bias"] = rng.uniform(-bound, bound, (out_channels,)).astype(dtype)
+            self.params["bias"] = np.full(out_channels, 0.1, dtype=dtype)
 
     def forward(self, x):
         self.check_input(x, ndim=4, channels=self.in_channels)
@@ -337,3 +335,12 @@ def test_a_textbook_conv2d_makes_an_exercise_graded_through_the_layer_api(tmp_pa
                                                 ex, "minivgg.layers", solved=True))
     (result,) = check_workspace(ws, ["conv"])
     assert result.status == "failed" and "dL/dbias is wrong" in result.detail
+
+
+def test_help_explains_the_three_commands_and_the_order(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    for words in ("init DIR", "check DIR [NAME..]", "train DIR", ", ".join(NAMES)):
+        assert words in out
