@@ -72,6 +72,8 @@ def load_image(path, image_size=None, channels: int = 3) -> np.ndarray:
     path = Path(path)
     size_hw, channels = _size_hw(image_size), _check_channels(channels)
     if not path.is_file():
+        if path.is_symlink():   # listed by a folder: an unreadable image, which skip_bad can drop
+            raise ValueError(f"cannot read image {path}: a dangling symbolic link (to {os.readlink(path)})")
         raise FileNotFoundError(f"no image file at {path}")
     try:
         with Image.open(path) as img:
@@ -131,13 +133,44 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"  # .DS_Store, ._photo.jpg, macOS zip folders
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files under `folder` (recursively), sorted; hidden and non-image files ignored."""
-    found = []
+def list_images(folder: Path, root: Path | None = None) -> list[Path]:
+    """Image files under `folder` (recursively), sorted; hidden and non-image files ignored.
+
+    Symbolic links, the rule: a link to a directory is followed unless its target is the dataset `root`
+    (default `folder`), lies inside it or contains it: those files are listed under their own class
+    already, or the link is a loop (a link to `..` would otherwise read the whole tree again and again).
+    Each real directory is entered once and each real file (device, inode) is listed once per folder,
+    however many links lead to it. A dangling link to an image name is listed: reading it fails as an
+    unreadable image (skipped with skip_bad, named otherwise).
+    """
+    real_root = Path(root if root is not None else folder).resolve()
+    seen_dirs, seen_files, found = set(), set(), []
+
+    def inside_the_tree(d: Path) -> bool:
+        real = d.resolve()
+        return real == real_root or real_root in real.parents or real in real_root.parents
+
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-        found += [Path(dirpath) / f for f in sorted(filenames)
-                  if not _is_hidden(f) and f.lower().endswith(IMG_EXTENSIONS)]
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            dirnames[:] = []
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d)
+                             and not (os.path.islink(os.path.join(dirpath, d))
+                                      and inside_the_tree(Path(dirpath) / d)))
+        for f in sorted(filenames):
+            if _is_hidden(f) or not f.lower().endswith(IMG_EXTENSIONS):
+                continue
+            path = Path(dirpath) / f
+            try:
+                st = os.stat(path)
+            except OSError:   # a dangling link: kept, so that reading it names it
+                found.append(path)
+                continue
+            if (st.st_dev, st.st_ino) not in seen_files:
+                seen_files.add((st.st_dev, st.st_ino))
+                found.append(path)
     return found
 
 
@@ -162,7 +195,7 @@ def find_classes(root: Path) -> tuple[list[str], list[list[Path]]]:
         raise ValueError(f"{root} has one class sub-folder ({classes[0]}); a classifier needs 2 or more"
                          + (f". The class folders may be one level down: try {inner}"
                             if any(d.is_dir() and not _is_hidden(d.name) for d in inner.iterdir()) else ""))
-    per_class = [list_images(root / c) for c in classes]
+    per_class = [list_images(root / c, root) for c in classes]
     empty = [str(root / c) for c, files in zip(classes, per_class) if not files]
     if empty:
         raise ValueError(f"class folder(s) with no images ({', '.join(IMG_EXTENSIONS)}): " + ", ".join(empty))
