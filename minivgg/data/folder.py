@@ -62,12 +62,17 @@ def _chw(img: Image.Image) -> np.ndarray:
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 
-def load_image(path, image_size=None, channels: int = 3) -> np.ndarray:
+class TooManyPixelsError(ValueError):
+    """An image whose header announces more pixels than the caller accepts (a decompression bomb)."""
+
+
+def load_image(path, image_size=None, channels: int = 3, max_pixels: int | None = None) -> np.ndarray:
     """One image file of any size and mode -> uint8 (C, H, W); EXIF orientation applied.
 
     image_size: (H, W), an int for a square, or None to keep the file's size.
+    max_pixels: refuse (ValueError) a file whose header says it has more pixels, before decoding.
     A missing file is a FileNotFoundError; an unreadable or truncated one a
-    ValueError naming the path.
+    ValueError naming the path. The EXIF transpose works in place (no second full-size copy).
     """
     path = Path(path)
     size_hw, channels = _size_hw(image_size), _check_channels(channels)
@@ -77,11 +82,17 @@ def load_image(path, image_size=None, channels: int = 3) -> np.ndarray:
         raise FileNotFoundError(f"no image file at {path}")
     try:
         with Image.open(path) as img:
+            w, h = img.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise TooManyPixelsError(f"image {path} of {w}x{h} pixels is larger than the "
+                                         f"{max_pixels:,} pixels accepted")
             if size_hw is not None:  # JPEG only: decode at 1/2, 1/4, 1/8 scale when still >= the target
                 img.draft(None, (max(size_hw),) * 2)
             img.load()  # decode now: a truncated file fails here, not later
-            img = ImageOps.exif_transpose(img)
+            ImageOps.exif_transpose(img, in_place=True)
             return _chw(_resize(_to_mode(img, channels), size_hw))
+    except TooManyPixelsError:
+        raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error ...
         raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
