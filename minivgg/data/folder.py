@@ -193,6 +193,16 @@ class UnreadableImagesError(ValueError):
         self.skipped = list(skipped)
 
 
+def report_unreadable(root, skipped, skip_bad: bool, stacklevel: int = 3) -> None:
+    """[(path, reason)] of unreadable files in `root`: an UnreadableImagesError listing every one, or
+    with skip_bad a warning listing them (the caller drops them)."""
+    listing = "\n".join(f"  {p}: {why}" for p, why in skipped)
+    if not skip_bad:
+        raise UnreadableImagesError(f"{len(skipped)} unreadable image(s) in {root} "
+                                    f"(pass skip_bad=True to drop them):\n{listing}", skipped)
+    warnings.warn(f"skipped {len(skipped)} unreadable image(s) in {root}:\n{listing}", stacklevel=stacklevel)
+
+
 def find_classes(root: Path) -> tuple[list[str], list[list[Path]]]:
     """The sorted class sub-folders of `root` and the sorted image files of each (also used by stream.py)."""
     if not root.is_dir():
@@ -300,12 +310,7 @@ class ImageFolder:
                     self.skipped.append((self.samples[order[j]][0], f"{type(err).__name__}: {err}"))
         if self.skipped:
             self.skipped.sort()
-            listing = "\n".join(f"  {p}: {why}" for p, why in self.skipped)
-            if not skip_bad:
-                raise UnreadableImagesError(f"{len(self.skipped)} unreadable image(s) in {self.root} "
-                                            f"(pass skip_bad=True to drop them):\n{listing}", self.skipped)
-            warnings.warn(f"skipped {len(self.skipped)} unreadable image(s) in {self.root}:\n{listing}",
-                          stacklevel=3)
+            report_unreadable(self.root, self.skipped, skip_bad, stacklevel=4)
             left = np.bincount([self.samples[i][1] for i in order[ok]], minlength=len(self.classes))
             gone = [str(self.root / c) for c, m in zip(self.classes, left) if m == 0]
             if gone:

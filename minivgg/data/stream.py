@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import os
 import threading
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from .folder import UnreadableImagesError, _check_channels, _size_hw, index_folder, load_image
+from .folder import _check_channels, _size_hw, index_folder, load_image, report_unreadable
 from .transforms import channel_histograms, mean_std_of_histograms
 
 
@@ -121,12 +120,7 @@ class StreamingImageFolder:
         self.skipped = [(p, "a dangling symbolic link" if os.path.islink(p) else "missing")
                         for (p, _), ok in zip(self.samples, present) if not ok]
         if self.skipped:
-            listing = "\n".join(f"  {p}: {why}" for p, why in self.skipped)
-            if not skip_bad:
-                raise UnreadableImagesError(f"{len(self.skipped)} unreadable image(s) in {self.root} "
-                                            f"(pass skip_bad=True to drop them):\n{listing}", self.skipped)
-            warnings.warn(f"skipped {len(self.skipped)} unreadable image(s) in {self.root}:\n{listing}",
-                          stacklevel=2)
+            report_unreadable(self.root, self.skipped, skip_bad)
         parts = []
         for rows in (np.flatnonzero(~is_val & present), np.flatnonzero(is_val & present)):
             paths = [self.samples[i][0] for i in rows]
