@@ -170,10 +170,8 @@ class ClassifierHandler(BaseHTTPRequestHandler):
     def discard_body(self) -> None:
         if getattr(self, "body_read", False):
             return
-        try:   # conflicting lengths: drain the longest, the most the client may still send
-            left = max(int(v) for v in self.headers.get_all("Content-Length", ["0"]))
-        except ValueError:
-            return
+        lengths = [int(v) for v in self.headers.get_all("Content-Length", []) if v.strip().isdigit()]
+        left = max(lengths, default=0)   # conflicting lengths: drain the longest the client may send
         self.connection.settimeout(DRAIN_S)
         deadline = time.monotonic() + DRAIN_S
         try:
