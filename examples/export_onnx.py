@@ -27,7 +27,9 @@ examples:
   python examples/export_onnx.py --checkpoint runs/vgg11_bn-fashion-mnist/best.npz --out model.onnx
   python examples/serve.py --checkpoint runs/vgg11_bn-fashion-mnist/best.npz --onnx model.onnx
 
-exit status: 0 written and verified, 1 onnxruntime disagrees with minivgg, 2 bad input.
+exit status: 0 written and verified, 1 onnxruntime disagrees with minivgg, 2 bad input (a checkpoint,
+an --out that is the checkpoint), 4 the file could not be written (as train_vgg11.py; the old file stands).
+A temp file a killed export left beside --out is removed by the next export to that name.
 """
 
 
@@ -62,6 +64,9 @@ def main(argv=None) -> int:
     except (CheckpointError, FileNotFoundError, ValueError, ImportError) as e:
         print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
+    except OSError as e:   # the write failed (a folder in the way, permission, disk full): the old file stands
+        print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
+        return 4
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     if err is not None:
         print(f"onnxruntime vs minivgg on 4 random inputs: max |diff| / max |logit| = {err:.1e}")

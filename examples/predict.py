@@ -37,20 +37,29 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files of any size and mode")
     p.add_argument("--top", type=int, default=5, metavar="K", help="how many classes to show (default 5)")
     p.add_argument("--device", default="cpu", help="cpu, gpu or gpu:N (default cpu)")
+    p.add_argument("--max-pixels", type=int, default=40_000_000, metavar="N",
+                   help="refuse an image with more pixels than this, before decoding it (default 40,000,000, "
+                        "about 6300x6300, as serve.py)")
     return p
 
 
 def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
     from minivgg.deploy import Predictor   # the model rebuilt from the checkpoint, with its preprocessing
+    from minivgg.data.folder import TooManyPixelsError
     from minivgg.train import CheckpointError
     try:
         if args.top < 1:
             raise ValueError(f"--top must be >= 1, got {args.top}")
+        if args.max_pixels < 1:
+            raise ValueError(f"--max-pixels must be >= 1, got {args.max_pixels}")
         predictor = Predictor(args.checkpoint, args.device)
-        probs = predictor.probabilities(args.images)
+        probs = predictor.probabilities(args.images, args.max_pixels)
     except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        message = str(e).strip().splitlines()[0]
+        if isinstance(e, TooManyPixelsError):
+            message += "; pass --max-pixels N to accept it"
+        print(f"error: {message}", file=sys.stderr)
         return 2
     k = min(args.top, probs.shape[1])
     width = max(len(c) for c in predictor.classes)

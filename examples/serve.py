@@ -30,8 +30,11 @@ examples:
   curl --data-binary @shirt.png -H 'Content-Type: image/png' 'http://127.0.0.1:8000/predict?top=3'
   python examples/serve.py --onnx model.onnx --port 8080 --max-concurrent 8
 
-Bad uploads get a 4xx JSON {"error": ...}; more than --max-concurrent requests at once get 503.
-exit status: 0 stopped with Ctrl-C, 2 bad input (checkpoint, ONNX file, options).
+Every answer is JSON: bad uploads get a 4xx {"error": ...} (other methods on a route 405 with Allow);
+more than --max-concurrent requests at once get 503 with Retry-After (docs/DEPLOY.md lists every answer).
+A body is read whole before it waits for a classification slot, within 30 s.
+exit status: 0 stopped with Ctrl-C, 2 bad input (checkpoint, ONNX file, options, a port out of range,
+in use or not bindable).
 """
 
 

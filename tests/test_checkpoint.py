@@ -187,3 +187,25 @@ def test_a_directory_is_named_as_one(tmp_path, saved):
     saved.rename(tmp_path / "run" / "last.npz")
     with pytest.raises(CheckpointError, match=r"run is a directory.*did you mean .*run/last\.npz"):
         load_checkpoint(tmp_path / "run")
+
+
+def with_raw_member(path, name="notes.txt", data=b"written by another tool"):
+    """Append a zip member that is not an .npy array (as zip or another archiver would) to an .npz."""
+    import zipfile
+    with zipfile.ZipFile(path, "a") as zf:
+        zf.writestr(name, data)
+    return path
+
+
+def test_a_member_that_is_not_an_array_is_named(saved):
+    with pytest.raises(CheckpointError, match=r"good\.npz: member 'notes\.txt' is not a NumPy array"):
+        load_checkpoint(with_raw_member(saved))
+
+
+def test_resume_and_predict_name_a_raw_member_in_one_line(tmp_path, saved):
+    from test_cli import PREDICT, TRAIN, cli
+    with_raw_member(saved, "model/extra")
+    for r in (cli(TRAIN, "--resume", saved, cwd=tmp_path),
+              cli(PREDICT, "--checkpoint", saved, tmp_path / "x.png", cwd=tmp_path)):
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert "member 'model/extra' is not a NumPy array" in r.stderr.strip().splitlines()[-1], r.stderr

@@ -218,3 +218,36 @@ def test_one_class_is_refused_and_points_one_level_down(tmp_path):
     make_tree(tmp_path / "train", {"cat": 2, "dog": 2})
     with pytest.raises(ValueError, match=r"one class sub-folder \(train\).*try .*train"):
         ImageFolder(tmp_path, image_size=(32, 32), progress=False)
+
+
+def looped_tree(root):
+    """cat and dog with 3 images each, and in cat: a link to '..', a link to cat itself, a link to the
+    dataset root, a second link to one real image, and a link to a folder outside the tree."""
+    make_tree(root, {"cat": 3, "dog": 3})
+    (root / "cat" / "up").symlink_to("..")
+    (root / "cat" / "self").symlink_to(".")
+    (root / "cat" / "top").symlink_to(root)
+    (root / "cat" / "again.png").symlink_to(root / "cat" / "00.png")
+    outside = root.parent / "more_cats"
+    draw(outside / "x.png", color=COLORS["cat"])
+    (root / "cat" / "more").symlink_to(outside)
+    return root
+
+
+def test_symlink_loops_do_not_multiply_a_class(tmp_path):
+    root = looped_tree(tmp_path / "pets")
+    ds = ImageFolder(root, image_size=(4, 4), val_fraction=0.0)
+    names = sorted(str(p.relative_to(root)) for p, _ in ds.samples)
+    assert names == ["cat/00.png", "cat/01.png", "cat/02.png", "cat/more/x.png",
+                     "dog/00.png", "dog/01.png", "dog/02.png"], names
+    assert [k for _, k in ds.samples] == [0, 0, 0, 0, 1, 1, 1]
+
+
+def test_a_dangling_symlink_is_named_and_skipped_with_skip_bad(tmp_path):
+    root = make_tree(tmp_path / "pets", {"cat": 3, "dog": 3})
+    (root / "dog" / "gone.png").symlink_to(tmp_path / "deleted.png")
+    with pytest.raises(ValueError, match=r"(?s)1 unreadable image.*gone\.png.*dangling symbolic link"):
+        ImageFolder(root, image_size=(4, 4), val_fraction=0.0)
+    with pytest.warns(UserWarning, match="gone.png"):
+        ds = ImageFolder(root, image_size=(4, 4), val_fraction=0.0, skip_bad=True)
+    assert len(ds) == 6 and [p.name for p, _ in ds.skipped] == ["gone.png"]

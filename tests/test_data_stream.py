@@ -148,3 +148,15 @@ def test_cli_stream_flag_trains_exactly_as_in_memory(tmp_path):
     r = subprocess.run([sys.executable, str(script), "--dataset", f"folder:{root}", "--stream", "--skip-bad-images",
                         "--no-progress"], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 2 and "--skip-bad-images reads every image before training" in r.stderr
+
+
+def test_streaming_lists_a_symlink_loop_once_and_skips_a_dangling_link(tmp_path):
+    from test_data_folder import looped_tree
+    root = looped_tree(tmp_path / "pets")
+    (root / "dog" / "gone.png").symlink_to(tmp_path / "deleted.png")
+    with pytest.raises(ValueError, match=r"gone\.png: a dangling symbolic link"):
+        StreamingImageFolder(root, image_size=(4, 4), val_fraction=0.0)
+    with pytest.warns(UserWarning, match="gone.png"):
+        folder = StreamingImageFolder(root, image_size=(4, 4), val_fraction=0.0, skip_bad=True)
+    assert len(folder.train[0]) == 7 and folder.train[1].tolist() == [0, 0, 0, 0, 1, 1, 1]
+    assert folder.train[0][np.arange(7)].shape == (7, 3, 4, 4)   # every listed file decodes

@@ -1,6 +1,8 @@
 """ONNX export: the graph passes onnx.checker and onnxruntime's logits equal minivgg's within float32
 tolerance, for VGG-11/16 with and without BatchNorm, classic and GAP heads, on random and real images."""
+import errno
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -121,11 +123,81 @@ def test_cli_export_of_a_checkpoint_on_real_fashion_mnist(arch, head, tmp_path, 
 
 
 def test_cli_bad_checkpoint_is_exit_2(tmp_path, capsys):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("export_onnx", ROOT / "examples" / "export_onnx.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = export_cli()
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     assert cli.main(["--checkpoint", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "m.onnx")]) == 2
     assert "cannot read the checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def export_cli():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("export_onnx", ROOT / "examples" / "export_onnx.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    return cli
+
+
+@pytest.mark.parametrize("out", ["same", "dotdot", "symlink", "hardlink"])
+def test_an_out_that_is_the_checkpoint_is_refused_and_the_checkpoint_stands(tmp_path, capsys, out):
+    (tmp_path / "d").mkdir()
+    ckpt, _ = fashion_checkpoint(tmp_path / "d" / "best.npz", "vgg11")
+    before = ckpt.read_bytes()
+    target = {"same": ckpt, "dotdot": tmp_path / "d" / ".." / "d" / "best.npz",
+              "symlink": tmp_path / "link.npz", "hardlink": tmp_path / "hard.npz"}[out]
+    if out == "symlink":
+        target.symlink_to(ckpt)
+    elif out == "hardlink":
+        os.link(ckpt, target)
+    assert export_cli().main(["--checkpoint", str(ckpt), "--out", str(target), "--no-verify"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is the checkpoint being exported" in err[0], err
+    assert ckpt.read_bytes() == before
+
+
+def raise_os_error(code):
+    raise OSError(code, os.strerror(code))
+
+
+def enospc(*args):
+    raise_os_error(errno.ENOSPC)
+
+
+@pytest.mark.parametrize("case, cause", [("folder", "Is a directory"), ("under_file", "exists"),
+                                         ("read_only", "Permission denied"), ("disk_full", "No space left")])
+def test_a_failed_write_is_one_line_exit_4_and_the_old_file_stands(tmp_path, capsys, monkeypatch, case, cause):
+    ckpt, _ = fashion_checkpoint(tmp_path / "best.npz", "vgg11")
+    old = b"the previous export"
+    out = tmp_path / "out" / "model.onnx"
+    out.parent.mkdir()
+    out.write_bytes(old)
+    if case == "folder":
+        out = tmp_path / "out"
+    elif case == "under_file":
+        out = out / "model.onnx"              # its folder would be the existing file model.onnx
+    elif case == "read_only":
+        out.parent.chmod(0o555)
+        if os.geteuid() == 0:   # root writes into read-only folders: make the temp file's creation fail as it would
+            import minivgg.train.files as files
+            monkeypatch.setattr(files.tempfile, "mkstemp", lambda *a, **k: raise_os_error(errno.EACCES))
+    else:
+        import minivgg.train.files as files
+        monkeypatch.setattr(files.os, "fsync", enospc)
+    try:
+        code = export_cli().main(["--checkpoint", str(ckpt), "--out", str(out), "--no-verify"])
+    finally:
+        (tmp_path / "out").chmod(0o755)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 4 and len(err) == 1, err
+    assert err[0].startswith(f"error: {out}: ") and cause in err[0], err
+    assert (tmp_path / "out" / "model.onnx").read_bytes() == old
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.onnx"]   # no temp file left
+
+
+def test_temp_files_a_killed_export_left_are_removed_by_the_next_export(tmp_path):
+    model = small_model("vgg11", in_channels=1)
+    stale, other = tmp_path / ".m.onnx.ab12cd34.tmp", tmp_path / ".n.onnx.ab12cd34.tmp"
+    for p in (stale, other):
+        p.write_bytes(b"half an export")
+    export_onnx(model, tmp_path / "m.onnx", (1, 32, 32))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "m.onnx"]   # another target's is kept

@@ -62,24 +62,37 @@ def _chw(img: Image.Image) -> np.ndarray:
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 
-def load_image(path, image_size=None, channels: int = 3) -> np.ndarray:
+class TooManyPixelsError(ValueError):
+    """An image whose header announces more pixels than the caller accepts (a decompression bomb)."""
+
+
+def load_image(path, image_size=None, channels: int = 3, max_pixels: int | None = None) -> np.ndarray:
     """One image file of any size and mode -> uint8 (C, H, W); EXIF orientation applied.
 
     image_size: (H, W), an int for a square, or None to keep the file's size.
+    max_pixels: refuse (ValueError) a file whose header says it has more pixels, before decoding.
     A missing file is a FileNotFoundError; an unreadable or truncated one a
-    ValueError naming the path.
+    ValueError naming the path. The EXIF transpose works in place (no second full-size copy).
     """
     path = Path(path)
     size_hw, channels = _size_hw(image_size), _check_channels(channels)
     if not path.is_file():
+        if path.is_symlink():   # listed by a folder: an unreadable image, which skip_bad can drop
+            raise ValueError(f"cannot read image {path}: a dangling symbolic link (to {os.readlink(path)})")
         raise FileNotFoundError(f"no image file at {path}")
     try:
         with Image.open(path) as img:
+            w, h = img.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise TooManyPixelsError(f"image {path} of {w}x{h} pixels is larger than the "
+                                         f"{max_pixels:,} pixels accepted")
             if size_hw is not None:  # JPEG only: decode at 1/2, 1/4, 1/8 scale when still >= the target
                 img.draft(None, (max(size_hw),) * 2)
             img.load()  # decode now: a truncated file fails here, not later
-            img = ImageOps.exif_transpose(img)
+            ImageOps.exif_transpose(img, in_place=True)
             return _chw(_resize(_to_mode(img, channels), size_hw))
+    except TooManyPixelsError:
+        raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error ...
         raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
@@ -131,13 +144,44 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"  # .DS_Store, ._photo.jpg, macOS zip folders
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files under `folder` (recursively), sorted; hidden and non-image files ignored."""
-    found = []
+def list_images(folder: Path, root: Path | None = None) -> list[Path]:
+    """Image files under `folder` (recursively), sorted; hidden and non-image files ignored.
+
+    Symbolic links, the rule: a link to a directory is followed unless its target is the dataset `root`
+    (default `folder`), lies inside it or contains it: those files are listed under their own class
+    already, or the link is a loop (a link to `..` would otherwise read the whole tree again and again).
+    Each real directory is entered once and each real file (device, inode) is listed once per folder,
+    however many links lead to it. A dangling link to an image name is listed: reading it fails as an
+    unreadable image (skipped with skip_bad, named otherwise).
+    """
+    real_root = Path(root if root is not None else folder).resolve()
+    seen_dirs, seen_files, found = set(), set(), []
+
+    def inside_the_tree(d: Path) -> bool:
+        real = d.resolve()
+        return real == real_root or real_root in real.parents or real in real_root.parents
+
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-        found += [Path(dirpath) / f for f in sorted(filenames)
-                  if not _is_hidden(f) and f.lower().endswith(IMG_EXTENSIONS)]
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            dirnames[:] = []
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d)
+                             and not (os.path.islink(os.path.join(dirpath, d))
+                                      and inside_the_tree(Path(dirpath) / d)))
+        for f in sorted(filenames):
+            if _is_hidden(f) or not f.lower().endswith(IMG_EXTENSIONS):
+                continue
+            path = Path(dirpath) / f
+            try:
+                st = os.stat(path)
+            except OSError:   # a dangling link: kept, so that reading it names it
+                found.append(path)
+                continue
+            if (st.st_dev, st.st_ino) not in seen_files:
+                seen_files.add((st.st_dev, st.st_ino))
+                found.append(path)
     return found
 
 
@@ -147,6 +191,16 @@ class UnreadableImagesError(ValueError):
     def __init__(self, message, skipped):
         super().__init__(message)
         self.skipped = list(skipped)
+
+
+def report_unreadable(root, skipped, skip_bad: bool, stacklevel: int = 3) -> None:
+    """[(path, reason)] of unreadable files in `root`: an UnreadableImagesError listing every one, or
+    with skip_bad a warning listing them (the caller drops them)."""
+    listing = "\n".join(f"  {p}: {why}" for p, why in skipped)
+    if not skip_bad:
+        raise UnreadableImagesError(f"{len(skipped)} unreadable image(s) in {root} "
+                                    f"(pass skip_bad=True to drop them):\n{listing}", skipped)
+    warnings.warn(f"skipped {len(skipped)} unreadable image(s) in {root}:\n{listing}", stacklevel=stacklevel)
 
 
 def find_classes(root: Path) -> tuple[list[str], list[list[Path]]]:
@@ -162,7 +216,7 @@ def find_classes(root: Path) -> tuple[list[str], list[list[Path]]]:
         raise ValueError(f"{root} has one class sub-folder ({classes[0]}); a classifier needs 2 or more"
                          + (f". The class folders may be one level down: try {inner}"
                             if any(d.is_dir() and not _is_hidden(d.name) for d in inner.iterdir()) else ""))
-    per_class = [list_images(root / c) for c in classes]
+    per_class = [list_images(root / c, root) for c in classes]
     empty = [str(root / c) for c, files in zip(classes, per_class) if not files]
     if empty:
         raise ValueError(f"class folder(s) with no images ({', '.join(IMG_EXTENSIONS)}): " + ", ".join(empty))
@@ -256,12 +310,7 @@ class ImageFolder:
                     self.skipped.append((self.samples[order[j]][0], f"{type(err).__name__}: {err}"))
         if self.skipped:
             self.skipped.sort()
-            listing = "\n".join(f"  {p}: {why}" for p, why in self.skipped)
-            if not skip_bad:
-                raise UnreadableImagesError(f"{len(self.skipped)} unreadable image(s) in {self.root} "
-                                            f"(pass skip_bad=True to drop them):\n{listing}", self.skipped)
-            warnings.warn(f"skipped {len(self.skipped)} unreadable image(s) in {self.root}:\n{listing}",
-                          stacklevel=3)
+            report_unreadable(self.root, self.skipped, skip_bad, stacklevel=4)
             left = np.bincount([self.samples[i][1] for i in order[ok]], minlength=len(self.classes))
             gone = [str(self.root / c) for c, m in zip(self.classes, left) if m == 0]
             if gone:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .folder import _check_channels, _size_hw, index_folder, load_image
+from .folder import _check_channels, _size_hw, index_folder, load_image, report_unreadable
 from .transforms import channel_histograms, mean_std_of_histograms
 
 
@@ -103,17 +103,26 @@ class LazyImages:
 class StreamingImageFolder:
     """ImageFolder's listing and split without decoding: .train and .val are (LazyImages, int64 labels).
 
-    Also .classes, .class_to_idx, .samples, .train_paths, .val_paths, as ImageFolder.
+    Also .classes, .class_to_idx, .samples, .train_paths, .val_paths, as ImageFolder, and .skipped.
+    Nothing is decoded up front, but every listed path is checked to exist (one stat each): a dangling
+    symbolic link is an UnreadableImagesError naming it, or, with skip_bad=True, dropped (after the
+    split, as ImageFolder drops a bad file) and listed in .skipped with a warning. A file that exists
+    but does not decode is found only when its batch is built.
     """
 
     def __init__(self, root, image_size=(224, 224), channels: int = 3, val_fraction: float = 0.2,
-                 seed: int = 0, stratified: bool = True, workers: int | None = None):
+                 seed: int = 0, stratified: bool = True, workers: int | None = None, skip_bad: bool = False):
         self.root = Path(root)
         self.image_size, self.channels = _size_hw(image_size), _check_channels(channels)
         self.classes, self.samples, is_val = index_folder(self.root, val_fraction, seed, stratified)
         self.class_to_idx = {c: k for k, c in enumerate(self.classes)}
+        present = np.array([os.path.exists(p) for p, _ in self.samples], dtype=bool)   # (N,)
+        self.skipped = [(p, "a dangling symbolic link" if os.path.islink(p) else "missing")
+                        for (p, _), ok in zip(self.samples, present) if not ok]
+        if self.skipped:
+            report_unreadable(self.root, self.skipped, skip_bad)
         parts = []
-        for rows in (np.flatnonzero(~is_val), np.flatnonzero(is_val)):
+        for rows in (np.flatnonzero(~is_val & present), np.flatnonzero(is_val & present)):
             paths = [self.samples[i][0] for i in rows]
             labels = np.array([self.samples[i][1] for i in rows], dtype=np.int64)   # (N,)
             parts.append((LazyImages(paths, self.image_size, self.channels, workers), labels))

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -144,28 +143,34 @@ def build_graph(model, input_shape, meta: dict | None = None, doc: str = ""):
 
 
 def export_onnx(model, path, input_shape, meta: dict | None = None, doc: str = "") -> Path:
-    """Write `model` (put in eval mode) as an ONNX file, atomically (temp file + os.replace)."""
+    """Write `model` (put in eval mode) as an ONNX file, atomically (train.files.atomic_write: temp file,
+    fsync, rename). Temp files that a killed export left beside `path` are removed first. A failed
+    write raises OSError naming `path`, and leaves the old file as it was."""
+    from ..train.files import atomic_write, remove_stale_temps
     model.eval()
     data = build_graph(model, input_shape, meta, doc).SerializeToString()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path.parent, path.name)
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def refuse_overwriting_input(checkpoint, out) -> None:
+    """ValueError if `out` is the checkpoint itself: the same resolved path, or a hard link to it."""
+    src, dst = Path(checkpoint), Path(out)
+    same = src.resolve() == dst.resolve()
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        same = same or (dst.exists() and os.path.samefile(src, dst))
+    except OSError:
+        pass
+    if same:
+        raise ValueError(f"--out {out} is the checkpoint being exported ({checkpoint}); writing there would "
+                         "destroy it: name another file")
 
 
 def export_checkpoint(checkpoint, out) -> Path:
     """A train_vgg11.py checkpoint (best.npz / last.npz) -> an ONNX file with its preprocessing."""
     from .predictor import Predictor
+    refuse_overwriting_input(checkpoint, out)
     pred = Predictor(checkpoint, device="cpu")
     m = pred.meta
     meta = {"image_size": m["image_size"], "channels": m["channels"], "mean": m["mean"], "std": m["std"],

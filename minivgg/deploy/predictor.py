@@ -35,7 +35,7 @@ def decode_image(data: bytes, image_size, channels: int, max_pixels: int = MAX_P
             if size_hw is not None:
                 img.draft(None, (max(size_hw),) * 2)   # JPEG only: decode at a reduced scale
             img.load()   # decode now: a truncated file fails here
-            img = ImageOps.exif_transpose(img)
+            ImageOps.exif_transpose(img, in_place=True)
             return _chw(_resize(_to_mode(img, channels), size_hw))
     except ValueError:
         raise
@@ -67,9 +67,10 @@ class _Preprocessing:
         x = images.astype(np.float32) / np.float32(255)   # (N, C, H, W)
         return (x - self.mean) / self.std
 
-    def preprocess(self, paths) -> np.ndarray:
-        """Image files -> float32 (N, C, H, W)."""
-        return self.normalize(np.stack([load_image(p, self.image_size, self.channels) for p in paths]))
+    def preprocess(self, paths, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
+        """Image files -> float32 (N, C, H, W); a file over max_pixels is refused before decoding."""
+        return self.normalize(np.stack([load_image(p, self.image_size, self.channels, max_pixels)
+                                        for p in paths]))
 
     def logits(self, x: np.ndarray) -> np.ndarray:   # pragma: no cover - each predictor defines it
         raise NotImplementedError
@@ -79,9 +80,9 @@ class _Preprocessing:
         from ..train import softmax
         return softmax(np.asarray(self.logits(x), dtype=np.float64))
 
-    def probabilities(self, paths) -> np.ndarray:
+    def probabilities(self, paths, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
         """Image files -> (N, K) softmax probabilities."""
-        return self.probabilities_of(self.preprocess(paths))
+        return self.probabilities_of(self.preprocess(paths, max_pixels))
 
     def top_k(self, probs: np.ndarray, k: int) -> list[list[dict]]:
         """(N, K) probabilities -> per image the k best [{"class", "index", "probability"}]."""

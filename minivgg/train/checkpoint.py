@@ -152,6 +152,10 @@ def load_checkpoint(path, model=None, optimizer=None, scheduler=None, restore_rn
     except Exception as e:  # BadZipFile, EOFError, CRC errors, bad .npy headers, ...
         raise CheckpointError(f"{path}: cannot read the checkpoint, the file is truncated, corrupt "
                               f"or not an .npz archive ({type(e).__name__}: {e})") from e
+    for k, a in raw.items():   # a member another tool wrote without the .npy header reads as bytes
+        if not isinstance(a, np.ndarray):
+            raise CheckpointError(f"{path}: member '{k}' is not a NumPy array (raw {type(a).__name__} "
+                                  f"of {len(a):,} bytes, written without np.savez?); a checkpoint holds only arrays")
     if raw.get("format") is None or raw["format"].shape != () or str(raw["format"][()]) != FORMAT:
         raise CheckpointError(f"{path}: is an .npz file but not a minivgg checkpoint (no '{FORMAT}' "
                               f"marker under key 'format'); keys found: {sorted(raw)[:8]}")

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 # what atomic_write's temp files are called: .<target name>.<8 random characters>.tmp
-_TEMP = re.compile(r"^\.(.+\.(npz|json|csv|png))\.[A-Za-z0-9_]{8}\.tmp$")
+_TEMP = re.compile(r"^\.(.+\.(npz|json|csv|png|onnx))\.[A-Za-z0-9_]{8}\.tmp$")
 
 
 def _umask() -> int:
@@ -62,14 +62,16 @@ def atomic_write_text(path, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def remove_stale_temps(folder) -> list[Path]:
-    """Delete temp files that a killed atomic_write left in `folder`; returns what was removed."""
+def remove_stale_temps(folder, name: str | None = None) -> list[Path]:
+    """Delete temp files that a killed atomic_write left in `folder` (only those of target `name`,
+    if given: a folder shared with other files loses nothing else); returns what was removed."""
     folder = Path(folder)
     removed = []
     if not folder.is_dir():
         return removed
     for p in folder.iterdir():
-        if _TEMP.match(p.name) and p.is_file():
+        m = _TEMP.match(p.name)
+        if m and (name is None or m.group(1) == name) and p.is_file():
             try:
                 p.unlink()
                 removed.append(p)
