@@ -333,6 +333,10 @@ def check_args(args) -> None:
                          "its batch is built (an unreadable one then stops the run, named); use one of the two")
     if args.dataset.startswith("folder:") and not args.dataset[len("folder:"):].strip():
         raise UsageError("--dataset folder: needs the folder's path after the colon, e.g. folder:photos")
+    if args.dataset.startswith("folder:") and not Path(args.dataset[len("folder:"):]).is_dir():
+        # checked here, before --out is made: a missing folder must not leave an empty run folder behind
+        raise UsageError(f"--dataset {args.dataset}: {args.dataset[len('folder:'):]} does not exist or is not a "
+                         f"folder")
 
 
 def check_out(out: Path) -> None:
