@@ -339,6 +339,13 @@ def check_args(args) -> None:
                          f"folder")
 
 
+def divergence_advice(e) -> str:
+    """The flags that may help after a NonFiniteLossError, from the facts it carries."""
+    advice = ["a lower --lr"] + (["--clip-norm"] if e.clipped is False else []) + (
+        ["BatchNorm (--bn)"] if e.has_bn is False else [])
+    return ", ".join(advice[:-1]) + " or " + advice[-1] if len(advice) > 1 else advice[0]
+
+
 def check_out(out: Path) -> None:
     """Refuse an --out that cannot be written before the data loads (a file, no permission, ...)."""
     import tempfile
@@ -568,7 +575,7 @@ def run(args) -> int:
     try:
         trainer.fit(args.epochs, resume=args.resume)
     except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}. Try {divergence_advice(e)}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with --resume {trainer.last_path} (the last completed epoch)",
