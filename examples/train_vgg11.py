@@ -333,6 +333,17 @@ def check_args(args) -> None:
                          "its batch is built (an unreadable one then stops the run, named); use one of the two")
     if args.dataset.startswith("folder:") and not args.dataset[len("folder:"):].strip():
         raise UsageError("--dataset folder: needs the folder's path after the colon, e.g. folder:photos")
+    if args.dataset.startswith("folder:") and not Path(args.dataset[len("folder:"):]).is_dir():
+        # checked here, before --out is made: a missing folder must not leave an empty run folder behind
+        raise UsageError(f"--dataset {args.dataset}: {args.dataset[len('folder:'):]} does not exist or is not a "
+                         f"folder")
+
+
+def divergence_advice(e) -> str:
+    """The flags that may help after a NonFiniteLossError, from the facts it carries."""
+    advice = ["a lower --lr"] + (["--clip-norm"] if e.clipped is False else []) + (
+        ["BatchNorm (--bn)"] if e.has_bn is False else [])
+    return ", ".join(advice[:-1]) + " or " + advice[-1] if len(advice) > 1 else advice[0]
 
 
 def check_out(out: Path) -> None:
@@ -564,7 +575,7 @@ def run(args) -> int:
     try:
         trainer.fit(args.epochs, resume=args.resume)
     except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}. Try {divergence_advice(e)}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with --resume {trainer.last_path} (the last completed epoch)",

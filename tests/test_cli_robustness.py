@@ -96,6 +96,15 @@ def test_bad_data_flags_are_refused_by_name(tmp_path, args, message):
     test_bad_flags_are_refused_by_name(tmp_path, args, message)
 
 
+def test_a_missing_dataset_folder_leaves_no_run_folder_behind(tmp_path):
+    # the default --out is runs/<model>-folder-<path>: the missing folder must be found before it is made
+    r = cli(TRAIN, *TINY, "--dataset", "folder:no_such_photos", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no_such_photos" in lines[0] and "not a folder" in lines[0], r.stderr
+    assert not (tmp_path / "runs").exists(), sorted(p.name for p in (tmp_path / "runs").iterdir())
+
+
 def image_tree(root, classes, n=5, seed=0):
     rng = np.random.default_rng(seed)
     for c in classes:

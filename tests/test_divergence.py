@@ -1,10 +1,19 @@
 """A diverging run stops before its weights reach a checkpoint, and says truly what is kept and what to try."""
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from minivgg.data import DataLoader
 from minivgg.optim import SGD
 from minivgg.train import NonFiniteLossError, load_checkpoint
+
+_spec = importlib.util.spec_from_file_location(
+    "train_vgg11", Path(__file__).resolve().parents[1] / "examples" / "train_vgg11.py")
+_train_vgg11 = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_train_vgg11)
+divergence_advice = _train_vgg11.divergence_advice
 from test_trainer import NaNOnCall, quiet, tiny_vgg, toy_data
 
 
@@ -31,7 +40,9 @@ def test_nonfinite_validation_stops_before_last_and_best_are_overwritten(tmp_pat
     with pytest.raises(NonFiniteLossError, match=r"non-finite validation loss \(nan\) in the validation after "
                                                  r"epoch 2 \(step 4\).*last\.npz is untouched \(epoch 1\)") as err:
         trainer.fit(3)
-    assert "BatchNorm" not in str(err.value) and "--clip-norm" in str(err.value)   # BN is on already
+    msg = str(err.value)   # facts, not flags: the command line turns them into advice
+    assert "the model has BatchNorm" in msg and "gradients were not clipped" in msg and "--" not in msg, msg
+    assert divergence_advice(err.value) == "a lower --lr or --clip-norm"   # BN is on already
     assert load_checkpoint(tmp_path / "last.npz")["epoch"] == 1
     assert load_checkpoint(tmp_path / "best.npz")["epoch"] == 1
 
@@ -48,7 +59,8 @@ def test_a_checkpoint_from_an_earlier_run_is_not_called_this_runs_last_good_one(
     msg = str(err.value)
     assert "no checkpoint of this run had been written yet" in msg and "from an earlier run" in msg, msg
     assert "is untouched" not in msg
-    assert "BatchNorm (--bn)" in msg and "--clip-norm" not in msg     # no BN here; clipping is on
+    assert "the model has no BatchNorm" in msg and "gradients were clipped" in msg and "--" not in msg, msg
+    assert divergence_advice(err.value) == "a lower --lr or BatchNorm (--bn)"   # no BN here; clipping is on
 
 
 class ExplodeOnCall(NaNOnCall):

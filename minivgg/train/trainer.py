@@ -37,17 +37,22 @@ class NonFiniteLossError(RuntimeError):
     what to change; batch None means the value came from the validation after `epoch`.
     """
 
-    def __init__(self, what, value, epoch, step, batch, checkpoint, kept=None, advice=None, kind="non-finite",
-                 why=""):
+    def __init__(self, what, value, epoch, step, batch, checkpoint, kept=None, kind="non-finite", why="",
+                 lr=None, clipped=None, has_bn=None):
         self.what, self.value, self.epoch, self.step, self.batch = what, value, epoch, step, batch
         self.checkpoint = checkpoint
+        # the facts a caller turns into advice (the command line names its flags): None = not known
+        self.lr, self.clipped, self.has_bn = lr, clipped, has_bn
+        facts = ([f"the step's lr was {lr:.3g}"] if lr is not None else []) + (
+            [f"gradients were {'' if clipped else 'not '}clipped"] if clipped is not None else []) + (
+            [f"the model {'has' if has_bn else 'has no'} BatchNorm"] if has_bn is not None else [])
         if kept is None:
             kept = (f"the last good checkpoint {checkpoint} is untouched" if checkpoint and Path(checkpoint).exists()
                     else "no checkpoint had been written yet")
         where = (f"at epoch {epoch}, step {step} (batch {batch} of the epoch)" if batch is not None
                  else f"in the validation after epoch {epoch} (step {step})")
-        super().__init__(f"{kind} {what} ({value}){why} {where}: training stopped; {kept}. "
-                         f"Try {advice or 'a lower --lr, --clip-norm, or BatchNorm (--bn)'}")
+        super().__init__(f"{kind} {what} ({value}){why} {where}: training stopped; {kept}"
+                         + (f" ({'; '.join(facts)})" if facts else ""))
 
 
 def freeze_features(model, frozen: bool = True):
@@ -237,16 +242,12 @@ class Trainer:
         else:
             kept = "no checkpoint of this run had been written yet" + (
                 f" ({self.last_path} is from an earlier run)" if self.last_path.exists() else "")
-        advice = [f"a lower --lr (the step's lr was {self._lr():.3g})"]
-        if self.clip_norm is None:
-            advice.append("--clip-norm")
-        if not any("BatchNorm" in type(m).__name__ for _, m in self.model.modules()):
-            advice.append("BatchNorm (--bn)")
+        has_bn = any("BatchNorm" in type(m).__name__ for _, m in self.model.modules())
         step = self.global_step + 1 if batch is not None else self.global_step   # validation: after the step
         return NonFiniteLossError(what, value, epoch=self.epoch + 1, step=step, batch=batch,
                                   checkpoint=self.good[0] if self.good else None, kept=kept,
-                                  advice=", ".join(advice[:-1]) + " or " + advice[-1] if len(advice) > 1
-                                  else advice[0], kind=kind, why=why)
+                                  kind=kind, why=why, lr=self._lr(), clipped=self.clip_norm is not None,
+                                  has_bn=has_bn)
 
     def _check_finite(self, what, value, batch):
         if not math.isfinite(value):
