@@ -286,16 +286,16 @@ def maxpool_backward_cpu(dout, argmax, x_shape, KH: int, KW: int, stride: tuple,
     dxpad = (np.empty_like if tiles else np.zeros_like)(dout, shape=(N, C, Hp, Wp))  # (N, C, Hp, Wp), laid out as dout
 
     def block(c):                          # the channels c, in place in dxpad[:, c]
-        db, ab, dxb = dout[:, c], argmax[:, c], dxpad[:, c]
+        dout_c, ab, dxb = dout[:, c], argmax[:, c], dxpad[:, c]
         hit = np.empty_like(ab, dtype=bool)
         for kh in range(KH):
             for kw in range(KW):
                 target = dxb[:, :, kh:kh + sh * OH:sh, kw:kw + sw * OW:sw]   # (N, c, OH, OW) view
                 np.equal(ab, kh * KW + kw, out=hit)
                 if disjoint:
-                    np.multiply(db, hit, out=target)
+                    np.multiply(dout_c, hit, out=target)
                 else:
-                    target += db * hit
+                    target += dout_c * hit
 
     over_blocks(block, C, dxpad[:, :1].nbytes)
     return dxpad[:, :, ph:ph + H, pw:pw + W]                           # (N, C, H, W)
