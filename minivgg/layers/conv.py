@@ -106,6 +106,9 @@ class Conv2d(Layer):
         self.cache = (x, cols)     # cols is None when the batch took several chunks
         return out
 
+    def drop_scratch(self) -> None:
+        self.spare = None          # the columns' memory is on the old device, in the old dtype
+
     def folds_bias(self, K: int, M: int) -> bool:
         """Whether the bias goes inside the products (the bias trick, see the class docstring):
         when there is one, and copying the weight (F x K+1) costs less than a pass over the
