@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from .. import backend
-from ..kernels.cpu import over_blocks
+from ..kernels.threads import over_blocks
 
 
 class Optimizer:
