@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 
 from . import backend
-from .layers.base import Layer
 
 
 class SoftmaxCrossEntropy:
@@ -90,7 +89,9 @@ class SoftmaxCrossEntropy:
 
     def backward(self, dout=1.0):
         """dL/dlogits (N, K), times dout (the upstream gradient of the loss, usually 1)."""
-        log_p, labels = Layer.saved(self)   # the layers' guard: forward must have run
+        if self.cache is None:              # forward must have run on this batch
+            raise RuntimeError(f"{self!r}: backward called before forward; run forward on this batch first")
+        log_p, labels = self.cache
         xp = backend.get_array_module(log_p)
         N, K = log_p.shape
         eps = self.label_smoothing

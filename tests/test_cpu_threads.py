@@ -1,6 +1,6 @@
 """Work minivgg splits over the CPU cores gives the same bits as one core.
 
-kernels/cpu.py cuts copies (im2col), per-channel loops (col2im, max-pool) and Adam's
+The CPU kernels (kernels/threads.py's pool) cut copies (im2col), per-channel loops (col2im, max-pool) and Adam's
 elementwise update into slices or blocks that run on a thread pool. Nothing is summed
 across slices, so the results must not depend on the thread count at all. The arrays
 here are small, so PARALLEL_MIN_BYTES is lowered to make every kernel split, and
@@ -17,6 +17,7 @@ import torch
 
 from minivgg import kernels
 from minivgg.kernels import cpu
+from minivgg.kernels import threads as pool
 from minivgg.layers import Linear
 from minivgg.optim import Adam
 from minivgg.optim import optimizers
@@ -27,10 +28,10 @@ THREADS = [1, 2, 3]
 @pytest.fixture
 def threads(monkeypatch):
     """Call with n: the kernels then split their work n ways, however small it is."""
-    monkeypatch.setattr(cpu, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(pool, "PARALLEL_MIN_BYTES", 0)
 
     def use(n):
-        monkeypatch.setattr(cpu, "_THREADS", n)
+        monkeypatch.setattr(pool, "_THREADS", n)
     return use
 
 
@@ -39,10 +40,10 @@ def test_the_helpers_cover_every_index_once(threads):
         threads(n_threads)
         for n in (1, 2, 5, 17):
             seen = []
-            cpu.over_cores(lambda s: seen.extend(range(n)[s]), n, nbytes=1)
+            pool.over_cores(lambda s: seen.extend(range(n)[s]), n, nbytes=1)
             assert sorted(seen) == list(range(n))
             seen = []
-            cpu.over_blocks(lambda s: seen.extend(range(n)[s]), n, bytes_per_item=4, block_bytes=12)
+            pool.over_blocks(lambda s: seen.extend(range(n)[s]), n, bytes_per_item=4, block_bytes=12)
             assert sorted(seen) == list(range(n))
 
 
@@ -52,7 +53,7 @@ def test_parallel_copyto_copies_everything(threads, shape):
     for n in THREADS:
         threads(n)
         dst = np.zeros(src.shape)
-        cpu.parallel_copyto(dst, src)
+        pool.parallel_copyto(dst, src)
         np.testing.assert_array_equal(dst, src)
 
 
@@ -86,7 +87,7 @@ def test_maxpool_does_not_depend_on_the_thread_count(threads, monkeypatch, N, C,
     results = []
     for n in THREADS:
         threads(n)
-        monkeypatch.setattr(cpu, "over_blocks", lambda fn, C, per, block_bytes=0: cpu.run_on_cores(
+        monkeypatch.setattr(cpu, "over_blocks", lambda fn, C, per, block_bytes=0: pool.run_on_cores(
             [lambda c=c: fn(slice(c, c + 1)) for c in range(C)]))        # one channel per block
         out, argmax = cpu.maxpool_forward_cpu(x, k, k, (s, s), (p, p))
         dout = np.random.default_rng(3).standard_normal(out.shape).astype(np.float32)
@@ -109,7 +110,7 @@ def test_adam_in_blocks_on_the_cores_equals_adam_on_the_whole_array(threads, mon
     def run(n_threads, blocked):
         threads(n_threads)
         monkeypatch.setattr(optimizers, "over_blocks",
-                            lambda fn, n, *a, **k: (blocks.append(n), cpu.over_blocks(fn, n, *a, **k))
+                            lambda fn, n, *a, **k: (blocks.append(n), pool.over_blocks(fn, n, *a, **k))
                             if blocked else fn(slice(0, n)))
         model = Linear(w0.shape[1], 1, bias=False)
         model.params["weight"][...] = w0
@@ -137,19 +138,19 @@ def test_adam_in_blocks_on_the_cores_equals_adam_on_the_whole_array(threads, mon
 
 def test_the_thread_count_comes_from_the_environment_or_set_num_threads(monkeypatch):
     monkeypatch.setenv("MINIVGG_NUM_THREADS", "3")
-    assert cpu._threads_from_environment() == 3
+    assert pool._threads_from_environment() == 3
     monkeypatch.delenv("MINIVGG_NUM_THREADS")
-    assert 1 <= cpu._threads_from_environment() <= 8
+    assert 1 <= pool._threads_from_environment() <= 8
     for bad in ("0", "two", "-1", "1.5"):
         monkeypatch.setenv("MINIVGG_NUM_THREADS", bad)
         with pytest.raises(ValueError, match="MINIVGG_NUM_THREADS"):
-            cpu._threads_from_environment()
-    monkeypatch.setattr(cpu, "_THREADS", cpu._THREADS)      # restored after the test
+            pool._threads_from_environment()
+    monkeypatch.setattr(pool, "_THREADS", pool._THREADS)      # restored after the test
     kernels.set_num_threads(3)
     assert kernels.get_num_threads() == 3
     seen = []
-    cpu.over_cores(lambda s: seen.append(s), 9, nbytes=2**30)
-    assert len(seen) == 3 and len(cpu._thread_pool()._threads) <= 2
+    pool.over_cores(lambda s: seen.append(s), 9, nbytes=2**30)
+    assert len(seen) == 3 and len(pool._thread_pool()._threads) <= 2
     for bad in (0, 2.0, True, "2"):
         with pytest.raises(ValueError, match="set_num_threads"):
             kernels.set_num_threads(bad)

@@ -92,3 +92,28 @@ def test_reused_column_memory_never_shows_in_a_result(device, F):
         for a, b in [(out, ref_out), (dx, ref_dx), (dx_again, ref_dx),
                      (conv.grads["weight"], fresh.grads["weight"])]:
             np.testing.assert_array_equal(backend.to_numpy(a), backend.to_numpy(b))
+
+
+def test_to_and_astype_drop_every_layers_scratch_memory_through_the_hook():
+    """Layer.to/astype call each module's drop_scratch: Conv2d's spare columns, and any other
+    layer's scratch memory, never outlive the device or dtype they were made for."""
+    from minivgg.layers import Layer, Sequential
+
+    class Scratchy(Layer):
+        def __init__(self):
+            super().__init__()
+            self.scratch = np.empty(4)
+
+        def forward(self, x):
+            return x
+
+        def drop_scratch(self):
+            self.scratch = None
+
+    for move in (lambda net: net.astype(np.float64), lambda net: net.to("cpu")):
+        conv, other = Conv2d(1, 2, 3), Scratchy()
+        net = Sequential(conv, other)
+        net.forward(np.ones((1, 1, 4, 4), np.float32))
+        assert conv.spare is not None
+        move(net)
+        assert conv.spare is None and other.scratch is None

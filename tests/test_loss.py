@@ -80,3 +80,14 @@ def test_label_smoothing_matches_torch(device, rng, label_smoothing):
 def test_label_smoothing_out_of_range_is_rejected(label_smoothing):
     with pytest.raises(ValueError, match=r"SoftmaxCrossEntropy: label_smoothing must be in \[0, 1\]"):
         SoftmaxCrossEntropy(label_smoothing)
+
+
+def test_loss_module_does_not_import_the_layers():
+    """Imports run downhill: minivgg.layers re-exports the loss, so losses.py must not import
+    minivgg.layers (that closed a loop). Read from the source, since the package imports both."""
+    import ast
+    import minivgg.losses
+    tree = ast.parse(open(minivgg.losses.__file__).read())
+    imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if m.startswith(("layers", "minivgg.layers"))], imported

@@ -72,7 +72,7 @@ def test_summary_batch_size_prints_and_checks_input(capsys):
     eight = summary(model, (1, 32, 32), batch_size=8, show=True)
     assert capsys.readouterr().out.strip() == eight.strip()
     assert "batch 8" in eight and "32.0 KB" in one and "256.0 KB" in eight   # features.0: 8x32x32 floats
-    with pytest.raises(ValueError, match="28x28.*--image-size 32"):
+    with pytest.raises(ValueError, match="28x28.*at least 32x32"):
         summary(model, (1, 28, 28))
     with pytest.raises(ValueError, match="in_channels=1"):
         summary(model, (3, 32, 32))

@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 
 from ..backend import is_gpu_array
-from .cpu import (col2im_cpu, col2im_naive, get_num_threads, im2col_cpu, im2col_naive, maxpool_backward_cpu,
-                  maxpool_forward_cpu, out_size, pad_input, set_num_threads)
+from .cpu import (col2im_cpu, col2im_naive, im2col_cpu, im2col_naive, maxpool_backward_cpu, maxpool_forward_cpu,
+                  out_size, pad_input)
+from .threads import get_num_threads, set_num_threads
 
 __all__ = ["im2col", "col2im", "im2col_naive", "col2im_naive", "maxpool_forward", "maxpool_backward", "out_size", "pad_input",
            "set_workspace_limit", "get_workspace_limit", "batch_chunks", "set_num_threads", "get_num_threads"]

@@ -105,8 +105,7 @@ class Layer:
                     if a is not None:
                         d[k] = backend.to_device(a, device)
             m.cache = None
-            if hasattr(m, "spare"):
-                m.spare = None    # a Conv2d's reusable columns, on the old device
+            m.drop_scratch()
         return self
 
     def astype(self, dtype) -> "Layer":
@@ -118,9 +117,13 @@ class Layer:
                         d[k] = a.astype(dtype)
             m.grads = {}
             m.cache = None
-            if hasattr(m, "spare"):
-                m.spare = None    # a Conv2d's reusable columns, in the old dtype
+            m.drop_scratch()
         return self
+
+    def drop_scratch(self) -> None:
+        """Forget memory kept between calls only for speed (none here). `to` and `astype`
+        call it, since such memory sits on the old device or in the old dtype; a layer
+        that keeps scratch memory overrides it."""
 
     def zero_grad(self) -> None:
         for _, m in self.modules():

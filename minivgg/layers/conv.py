@@ -106,6 +106,9 @@ class Conv2d(Layer):
         self.cache = (x, cols)     # cols is None when the batch took several chunks
         return out
 
+    def drop_scratch(self) -> None:
+        self.spare = None          # the columns' memory is on the old device, in the old dtype
+
     def folds_bias(self, K: int, M: int) -> bool:
         """Whether the bias goes inside the products (the bias trick, see the class docstring):
         when there is one, and copying the weight (F x K+1) costs less than a pass over the
@@ -136,7 +139,7 @@ class Conv2d(Layer):
                 columns(x[s], KH, KW, self.stride, self.padding, ones_row=fold)  # (K [+1], OH*OW*n)
             D = dout[s].transpose(1, 2, 3, 0).reshape(F, -1)              # (F, OH*OW*n)
             dWb = D @ cols.T if dWb is None else dWb + D @ cols.T        # (F, K [+1])
-            if "bias" in self.params and not fold:  # D's row sums as D @ 1: BLAS reads D 3-4x faster than sum()
+            if "bias" in self.params and not fold:  # D's row sums as D @ 1: BLAS reads D faster than sum()
                 ones = xp.ones(D.shape[1], dtype=D.dtype)
                 db = D @ ones if db is None else db + D @ ones            # (F,)
             if by_col2im:  # the textbook dL/dx: each column entry back onto its pixel
@@ -212,9 +215,8 @@ def flipped_kernel_applies(kernel_size, stride, padding, F: int, C: int, M: int)
         memory, and col2im's adds, over runs of N numbers in the CHWN layout, cost less;
       C <= M: it also copies the flipped weight, F*C*KH*KW numbers, which must not
         outweigh the F*KH*KW*M of its columns (VGG's 2x2 maps: 512 channels, M = 256).
-    VGG-11 at 32x32, batch 64: the flip is 5-10% faster at F == C on 8x8 maps and
-    about 10% slower on 2x2 maps; at F == 2C col2im is as fast or up to 20% faster
-    (docs/benchmarks/speed2/micro.py, benchmarks/conv_speed.py)."""
+    The rule follows measurements of both paths on VGG-11's layers (benchmarks/conv_speed.py):
+    the flip wins where F == C on the larger maps, col2im where F > C or the maps are tiny."""
     (KH, KW), (sh, sw), (ph, pw) = kernel_size, stride, padding
     return (sh, sw) == (1, 1) and ph < KH and pw < KW and F <= C and C <= M
 

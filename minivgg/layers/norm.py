@@ -67,9 +67,9 @@ class BatchNorm2d(Layer):
         buf = self.buffers
         buf["num_batches_tracked"][...] += 1                           # stays a 0-d array
         m = self.momentum if self.momentum is not None else 1.0 / float(buf["num_batches_tracked"])
-        dt = buf["running_mean"].dtype.type
-        buf["running_mean"] = (1 - dt(m)) * buf["running_mean"] + dt(m) * mu.astype(buf["running_mean"].dtype)
-        buf["running_var"] = (1 - dt(m)) * buf["running_var"] + dt(m) * (var * dt(M / (M - 1))).astype(buf["running_var"].dtype)
+        scalar = buf["running_mean"].dtype.type
+        buf["running_mean"] = (1 - scalar(m)) * buf["running_mean"] + scalar(m) * mu.astype(buf["running_mean"].dtype)
+        buf["running_var"] = (1 - scalar(m)) * buf["running_var"] + scalar(m) * (var * scalar(M / (M - 1))).astype(buf["running_var"].dtype)
 
     def backward(self, dout):
         x, mu, inv_std, training = self.saved()

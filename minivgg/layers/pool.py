@@ -53,7 +53,7 @@ class MaxPool2d(Layer):
         if H + 2 * ph < KH or W + 2 * pw < KW:
             raise ValueError(f"{self!r}: window {KH}x{KW} is larger than the padded input "
                              f"{H + 2 * ph}x{W + 2 * pw}; the image is too small for this many "
-                             "poolings, resize it (e.g. --image-size 32)")
+                             "poolings")
         out, argmax = maxpool_forward(x, KH, KW, self.stride, self.padding)  # (N, C, OH, OW) x2
         self.cache = (x, argmax)
         return out

@@ -183,8 +183,8 @@ class VGG(Layer):
             raise ValueError(f"{self.arch}: input of {H}x{W} is too small: VGG halves the image "
                              f"{NUM_POOLS} times, so each side must be at least {MIN_IMAGE_SIZE} "
                              f"({H}x{W} would shrink to "
-                             f"{H >> NUM_POOLS}x{W >> NUM_POOLS}). Resize the images to 32x32 or "
-                             "larger (e.g. --image-size 32, or prepare_images(size=(32, 32))).")
+                             f"{H >> NUM_POOLS}x{W >> NUM_POOLS}). The input must be at least "
+                             f"{MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}.")
 
     def forward(self, x):
         if not hasattr(x, "shape"):
