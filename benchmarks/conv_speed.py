@@ -35,7 +35,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from minivgg import backend  # noqa: E402
-from minivgg.layers import Conv2d  # noqa: E402
+from minivgg.layers import TunedConv2d  # noqa: E402
 
 TOL_FP32 = 1e-4   # rel err of outputs and every gradient, float32, TF32 off
 TOL_TF32 = 1e-2   # with --tf32 both sides round matmul inputs to 10 mantissa bits
@@ -136,7 +136,7 @@ def make_pair(case: ConvCase, device: str = "cpu", seed: int = 0, network_layout
     x = rng.standard_normal((case.N, case.C, case.H, case.W)).astype(np.float32)
     dout = rng.standard_normal((case.N, case.F, case.OH, case.OW)).astype(np.float32)
 
-    layer = Conv2d(case.C, case.F, case.K, stride=1, padding=case.P)
+    layer = TunedConv2d(case.C, case.F, case.K, stride=1, padding=case.P)   # the engine the models use
     layer.params["weight"][...] = w        # the public params dict, written in place
     layer.params["bias"][...] = b
     layer.to(device)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from minivgg import backend
-from minivgg.layers import BatchNorm2d, Conv2d, MaxPool2d, ReLU
+from minivgg.layers import BatchNorm2d, Conv2d, MaxPool2d, ReLU, TunedConv2d
 from minivgg.models import VGG
 
 DEVICES = ["cpu"] + (["gpu"] if backend.cupy is not None else [])
@@ -75,9 +75,9 @@ def test_reused_column_memory_never_shows_in_a_result(device, F):
     memory really is reused."""
     rng = np.random.default_rng(3)
     backend.seed(0)
-    conv = Conv2d(4, F, 3, padding=1).astype(np.float64).to(device)
+    conv = TunedConv2d(4, F, 3, padding=1).astype(np.float64).to(device)
     backend.seed(0)
-    fresh = Conv2d(4, F, 3, padding=1).astype(np.float64).to(device)
+    fresh = TunedConv2d(4, F, 3, padding=1).astype(np.float64).to(device)
     for step in range(3):
         x = backend.to_device(rng.standard_normal((2, 4, 6, 6)), device)
         dout = backend.to_device(rng.standard_normal((2, F, 6, 6)), device)
@@ -95,7 +95,7 @@ def test_reused_column_memory_never_shows_in_a_result(device, F):
 
 
 def test_to_and_astype_drop_every_layers_scratch_memory_through_the_hook():
-    """Layer.to/astype call each module's drop_scratch: Conv2d's spare columns, and any other
+    """Layer.to/astype call each module's drop_scratch: TunedConv2d's spare columns, and any other
     layer's scratch memory, never outlive the device or dtype they were made for."""
     from minivgg.layers import Layer, Sequential
 
@@ -111,7 +111,7 @@ def test_to_and_astype_drop_every_layers_scratch_memory_through_the_hook():
             self.scratch = None
 
     for move in (lambda net: net.astype(np.float64), lambda net: net.to("cpu")):
-        conv, other = Conv2d(1, 2, 3), Scratchy()
+        conv, other = TunedConv2d(1, 2, 3), Scratchy()
         net = Sequential(conv, other)
         net.forward(np.ones((1, 1, 4, 4), np.float32))
         assert conv.spare is not None

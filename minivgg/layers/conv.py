@@ -1,4 +1,4 @@
-"""Conv2d by im2col + GEMM, with a loop convolution beside it as the reference.
+"""Conv2d by im2col + GEMM, the textbook, with a loop convolution beside it as the reference.
 
 Notation: N batch, C in-channels, F out-channels (filters), H W input size,
 KH KW kernel, sh sw stride, ph pw padding, OH OW output size.
@@ -15,52 +15,23 @@ from .base import Layer, pair
 
 
 class Conv2d(Layer):
-    """2-D convolution (a cross-correlation, as in PyTorch).
+    """2-D convolution (a cross-correlation, as in PyTorch), by im2col + GEMM: the textbook.
 
     Shapes: x (N, C, H, W), weight (F, C, KH, KW), bias (F,), out (N, F, OH, OW)
         OH = floor((H + 2*ph - KH) / sh) + 1,   OW = floor((W + 2*pw - KW) / sw) + 1
-
     Forward: im2col copies every KHxKW window of x into a column, so the whole
     convolution is one matrix product. With cols = im2col(x) (C*KH*KW, OH*OW*N)
     and Wm = weight.reshape(F, C*KH*KW):
         out = Wm @ cols + b                  (F, OH*OW*N), seen as (N, F, OH, OW)
-    The bias trick folds b into the product: a row of ones under the columns
-    and b as one more column of the weight give [Wm | b] @ [cols; 1] = Wm @ cols + b.
-    It copies the weight (and backward its gradient), F*(K+1) numbers with
-    K = C*KH*KW, and saves a pass over the output (and backward one over dout),
-    F*M numbers with M = OH*OW*N: so Conv2d folds b in when K < M (the first
-    layers, whose outputs are large), and adds it afterwards otherwise.
-
-    Layout: the columns run (oh, ow, n), the batch innermost, so the product
-    (F, OH*OW*N) is the output with its memory in channel, row, column, image
-    order (CHWN). out is that array seen through transposed strides as
-    (N, F, OH, OW), not a copy; the layers after it read it as NCHW and keep
-    its memory order, and the next convolution's im2col reads it fastest in
-    exactly that order. NCHW copies happen only at a network's edges.
-
-    Backward: with D = dout seen as (F, OH*OW*N) (again a view when dout is
-    CHWN in memory), the chain rule through that product gives
-        dL/db  = D @ 1, D summed over its columns             (F,)
+    Backward: with D = dout seen as (F, OH*OW*N), the chain rule through that product:
+        dL/db  = D summed over its columns                    (F,)
         dL/dWm = D @ cols^T                                   (F, C*KH*KW)
         dL/dx  = col2im(Wm^T @ D)                             (N, C, H, W)
-    where col2im adds each column entry back onto the pixel it was copied from
-    (a pixel inside several windows receives several contributions). When forward
-    folded b in, one product gives the first two: D @ [cols; 1]^T = [dL/dWm | dL/db].
-    With stride 1 the same dL/dx is itself a convolution: dout, padded by
-    K-1-p, correlated with the kernel flipped in space and with its F and C
-    axes swapped (input_grad_by_flipped_kernel, derived there). That runs as
-    im2col + GEMM again, and backward uses it when flipped_kernel_applies:
-    stride 1, padding < kernel, F <= C, and a weight no larger than the columns
-    (tests/test_reference.py checks both paths against the loop reference).
-
-    Memory: cols is KH*KW times the size of x, so the batch is processed in
-    chunks that fit the workspace limit (minivgg.kernels.set_workspace_limit).
-    When the batch fits in one chunk, forward keeps cols for dL/dW, and
-    backward uses them as they are even if the limit has changed since.
-    Once dL/dW is made, backward writes its dL/dx columns into that same
-    memory, and the next forward its columns: a step allocates no new
-    columns (fresh pages cost the kernel a page fault each).
+    col2im adds each column entry back onto the pixel it was copied from.
+    Memory: cols is KH*KW times the size of x, so the batch runs in chunks that fit
+    the workspace limit (minivgg.kernels.set_workspace_limit); backward rebuilds them.
     Set needs_input_grad = False on a network's first layer to skip dL/dx.
+    The tuned engine (conv_fast.TunedConv2d) computes the same with fewer passes.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
@@ -74,7 +45,6 @@ class Conv2d(Layer):
             raise ValueError(f"Conv2d: kernel_size and stride must be >= 1 and padding >= 0, got "
                              f"{self.kernel_size}, {self.stride}, {self.padding}")
         self.needs_input_grad = True
-        self.spare = None    # the last columns' memory, reused by the next forward and backward
         KH, KW = self.kernel_size
         # PyTorch's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
         bound = 1.0 / math.sqrt(in_channels * KH * KW)
@@ -86,171 +56,57 @@ class Conv2d(Layer):
     def forward(self, x):
         self.check_input(x, ndim=4, channels=self.in_channels)
         N, C, H, W = x.shape
+        (KH, KW), (ph, pw), F = self.kernel_size, self.padding, self.out_channels
+        self.check_fits(H, W)
+        OH, OW = out_size(H, KH, self.stride[0], ph), out_size(W, KW, self.stride[1], pw)
+        Wm = self.params["weight"].reshape(F, -1)                         # (F, C*KH*KW)
+        out = backend.get_array_module(x).empty((F, OH, OW, N), dtype=x.dtype)  # (F, OH, OW, N)
+        for s in batch_chunks(N, C * KH * KW * OH * OW * x.itemsize):
+            cols = im2col(x[s], KH, KW, self.stride, self.padding)        # (C*KH*KW, OH*OW*n)
+            out[..., s] = (Wm @ cols).reshape(F, OH, OW, -1)              # (F, OH, OW, n)
+        out = out.transpose(3, 0, 1, 2)                                   # (N, F, OH, OW) view
+        if "bias" in self.params:
+            out += self.params["bias"].reshape(1, F, 1, 1)
+        self.cache = x
+        return out
+
+    def backward(self, dout):
+        x = self.saved()
+        N, C, H, W = x.shape
+        (KH, KW), F = self.kernel_size, self.out_channels
+        OH, OW = out_size(H, KH, self.stride[0], self.padding[0]), out_size(W, KW, self.stride[1], self.padding[1])
+        self.check_dout(dout, (N, F, OH, OW), like=x)
+        xp = backend.get_array_module(x)
+        Wm = self.params["weight"].reshape(F, -1)                         # (F, C*KH*KW)
+        dWm = xp.zeros_like(Wm)                                           # (F, C*KH*KW)
+        dx = xp.empty_like(x) if self.needs_input_grad else None          # (N, C, H, W)
+        for s in batch_chunks(N, C * KH * KW * OH * OW * x.itemsize):
+            cols = im2col(x[s], KH, KW, self.stride, self.padding)        # (C*KH*KW, OH*OW*n)
+            D = dout[s].transpose(1, 2, 3, 0).reshape(F, -1)              # (F, OH*OW*n)
+            dWm += D @ cols.T                                             # (F, C*KH*KW)
+            if dx is not None:
+                dx[s] = col2im(Wm.T @ D, x[s].shape, KH, KW, self.stride, self.padding)  # (n, C, H, W)
+        self.grads["weight"] = dWm.reshape(F, C, KH, KW)                  # (F, C, KH, KW)
+        if "bias" in self.params:
+            self.grads["bias"] = dout.sum(axis=(0, 2, 3))                 # (F,)
+        return dx
+
+    def check_fits(self, H: int, W: int) -> None:
+        """The kernel must fit inside the padded input."""
         (KH, KW), (ph, pw) = self.kernel_size, self.padding
         if H + 2 * ph < KH or W + 2 * pw < KW:
             raise ValueError(f"{self!r}: kernel {KH}x{KW} is larger than the padded input "
                              f"{H + 2 * ph}x{W + 2 * pw} (input {H}x{W}, padding {ph}); "
                              "use a larger image or more padding")
-        F, K = self.out_channels, C * KH * KW
-        M = N * out_size(H, KH, self.stride[0], ph) * out_size(W, KW, self.stride[1], pw)
-        Wm = self.params["weight"].reshape(F, K)                          # (F, K)
-        fold = self.folds_bias(K, M)
-        if fold:   # the bias trick: [Wm | b] @ [cols; 1] = Wm @ cols + b
-            xp = backend.get_array_module(x)
-            Wm = xp.concatenate([Wm, self.params["bias"].reshape(F, 1)], axis=1)  # (F, K+1)
-        out, cols = correlate(x, Wm, KH, KW, self.stride, self.padding, keep_cols=True,
-                              spare=self.spare, ones_row=fold)                   # (N, F, OH, OW)
-        self.spare = cols          # None when the batch took several chunks
-        if "bias" in self.params and not fold:
-            out += self.params["bias"].reshape(1, F, 1, 1)
-        self.cache = (x, cols)     # cols is None when the batch took several chunks
-        return out
-
-    def drop_scratch(self) -> None:
-        self.spare = None          # the columns' memory is on the old device, in the old dtype
-
-    def folds_bias(self, K: int, M: int) -> bool:
-        """Whether the bias goes inside the products (the bias trick, see the class docstring):
-        when there is one, and copying the weight (F x K+1) costs less than a pass over the
-        output (F x M)."""
-        return "bias" in self.params and K < M
-
-    def backward(self, dout):
-        x, kept_cols = self.saved()
-        N, C, H, W = x.shape
-        (KH, KW), (sh, sw), (ph, pw), F = self.kernel_size, self.stride, self.padding, self.out_channels
-        OH, OW = out_size(H, KH, sh, ph), out_size(W, KW, sw, pw)
-        self.check_dout(dout, (N, F, OH, OW), like=x)
-        xp = backend.get_array_module(x)
-        K, M = C * KH * KW, N * OH * OW
-        Wm = self.params["weight"].reshape(F, K)                          # (F, K)
-        fold = self.folds_bias(K, M)   # then every columns array below has the ones row K too
-        by_flip = self.needs_input_grad and flipped_kernel_applies(self.kernel_size, self.stride,
-                                                                   self.padding, F, C, M)
-        by_col2im = self.needs_input_grad and not by_flip
-        dWb = db = None   # dWb: dL/dWm, or d[Wm | b] = [dL/dWm | dL/db] when the bias was folded
-        dx = xp.empty_like(x) if by_col2im else None                      # (N, C, H, W)
-        # Columns forward kept cover the whole batch: use them as one chunk, whatever the
-        # workspace limit is now. Otherwise rebuild them chunk by chunk. Never mix the two.
-        chunks = [slice(0, N)] if kept_cols is not None else \
-            batch_chunks(N, (K + fold) * OH * OW * x.itemsize)
-        for s in chunks:
-            cols = kept_cols if kept_cols is not None else \
-                columns(x[s], KH, KW, self.stride, self.padding, ones_row=fold)  # (K [+1], OH*OW*n)
-            D = dout[s].transpose(1, 2, 3, 0).reshape(F, -1)              # (F, OH*OW*n)
-            dWb = D @ cols.T if dWb is None else dWb + D @ cols.T        # (F, K [+1])
-            if "bias" in self.params and not fold:  # D's row sums as D @ 1: BLAS reads D faster than sum()
-                ones = xp.ones(D.shape[1], dtype=D.dtype)
-                db = D @ ones if db is None else db + D @ ones            # (F,)
-            if by_col2im:  # the textbook dL/dx: each column entry back onto its pixel
-                dcols = reuse(self.spare, (K, D.shape[1]), x) if kept_cols is not None else None
-                dcols = xp.matmul(Wm.T, D, out=dcols)                     # (K, OH*OW*n)
-                dx[s] = col2im(dcols, x[s].shape, KH, KW, self.stride, self.padding)  # (n, C, H, W)
-        if fold:   # the ones row's column is dL/db = D @ 1; copied out, so each grad is contiguous
-            dWb, db = xp.ascontiguousarray(dWb[:, :K]), dWb[:, K].copy()  # (F, K), (F,)
-        self.grads["weight"] = dWb.reshape(F, C, KH, KW)                  # (F, C, KH, KW)
-        if "bias" in self.params:
-            self.grads["bias"] = db                                       # (F,)
-        if by_flip:    # the same dL/dx, as a convolution of dout (faster: no scattered adds)
-            dx = input_grad_by_flipped_kernel(dout, self.params["weight"], self.padding,
-                                              spare=self.spare if kept_cols is not None else None)
-        if self.needs_input_grad and kept_cols is not None:
-            self.cache = (x, None)   # its columns now hold dL/dx's: a second backward rebuilds them
-        return dx
 
     def __repr__(self):
         return (f"Conv2d({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, bias={'bias' in self.params})")
 
 
-def correlate(x, Wm, KH, KW, stride, pad, keep_cols=False, spare=None, ones_row=False):
-    """out = Wm @ im2col(x), seen as NCHW: the convolution without its bias (or with it,
-    given ones_row and Wm = [weight | bias], the bias trick).
-
-    x (N, C, H, W), Wm (F, K) with K = C*KH*KW (+1 with ones_row) -> out (N, F, OH, OW),
-    a view of an (F, OH, OW, N) array (CHWN in memory). The batch is processed in chunks
-    that fit the workspace. Returns (out, cols); cols (K, OH*OW*N) only when keep_cols
-    and the batch fit in a single chunk, else None. The columns go into spare's memory
-    when it is large enough (see reuse).
-    """
-    N, C, H, W = x.shape
-    F, K = Wm.shape
-    OH, OW = out_size(H, KH, stride[0], pad[0]), out_size(W, KW, stride[1], pad[1])
-    xp = backend.get_array_module(x)
-    chunks = batch_chunks(N, K * OH * OW * x.itemsize)
-    if len(chunks) == 1:
-        cols = columns(x, KH, KW, stride, pad, ones_row,
-                       out=reuse(spare, (K, OH * OW * N), x))             # (K, OH*OW*N)
-        y = (Wm @ cols).reshape(F, OH, OW, N)                             # (F, OH, OW, N)
-        return y.transpose(3, 0, 1, 2), (cols if keep_cols else None)     # (N, F, OH, OW) view
-    y = xp.empty((F, OH, OW, N), dtype=x.dtype)                           # (F, OH, OW, N)
-    for s in chunks:
-        cols = columns(x[s], KH, KW, stride, pad, ones_row)               # (K, OH*OW*n)
-        y[..., s] = (Wm @ cols).reshape(F, OH, OW, -1)                    # (F, OH, OW, n)
-    return y.transpose(3, 0, 1, 2), None                                  # (N, F, OH, OW) view
-
-
-def columns(x, KH, KW, stride, pad, ones_row=False, out=None):
-    """im2col(x) (C*KH*KW, OH*OW*N), and under it a row of ones when ones_row (the bias
-    trick), into `out` when given (a contiguous array of the full shape)."""
-    if not ones_row:
-        return im2col(x, KH, KW, stride, pad, out=out)
-    N, C, H, W = x.shape
-    K = C * KH * KW
-    M = N * out_size(H, KH, stride[0], pad[0]) * out_size(W, KW, stride[1], pad[1])
-    xp = backend.get_array_module(x)
-    cols = xp.empty((K + 1, M), dtype=x.dtype) if out is None else out   # (K+1, M)
-    im2col(x, KH, KW, stride, pad, out=cols[:K])                          # rows 0..K-1, in place
-    cols[K] = 1
-    return cols
-
-
-def flipped_kernel_applies(kernel_size, stride, padding, F: int, C: int, M: int) -> bool:
-    """When Conv2d.backward computes dL/dx by input_grad_by_flipped_kernel (M = N*OH*OW,
-    the columns' width): all four of
-      stride 1 (then every dout entry is one window position, with no gaps between);
-      padding < kernel (the pad K-1-p it needs is not negative);
-      F <= C: its columns come from dout's F channels, F*KH*KW rows, where col2im's
-        product Wm^T @ D has C*KH*KW; with F > C the flip copies more and needs more
-        memory, and col2im's adds, over runs of N numbers in the CHWN layout, cost less;
-      C <= M: it also copies the flipped weight, F*C*KH*KW numbers, which must not
-        outweigh the F*KH*KW*M of its columns (VGG's 2x2 maps: 512 channels, M = 256).
-    The rule follows measurements of both paths on VGG-11's layers (benchmarks/conv_speed.py):
-    the flip wins where F == C on the larger maps, col2im where F > C or the maps are tiny."""
-    (KH, KW), (sh, sw), (ph, pw) = kernel_size, stride, padding
-    return (sh, sw) == (1, 1) and ph < KH and pw < KW and F <= C and C <= M
-
-
-def input_grad_by_flipped_kernel(dout, weight, padding, spare=None):
-    """dL/dx of a stride-1 convolution, computed as a convolution of dout.
-
-    dout (N, F, OH, OW), weight (F, C, KH, KW) -> dx (N, C, H, W). On one axis,
-    out[i] = sum_k xpad[i+k] W[k], so dxpad[j] = sum_k dout[j-k] W[k]:
-      why flip:   with k' = K-1-k that is sum_k' dout[j-(K-1)+k'] W[K-1-k'], a correlation with W reversed;
-      why K-1-p:  dout[j-(K-1)+k'] reads dout padded by K-1, and dx[m] = dxpad[m+p] removes p of it;
-      why swap:   out[f] sums x[c] * W[f,c] over c, so dx[c] sums dout[f] * W[f,c] over f: a (C, F) kernel.
-    """
-    F, C, KH, KW = weight.shape
-    ph, pw = padding
-    xp = backend.get_array_module(dout)
-    W_flip = weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)                   # (C, F, KH, KW)
-    W_flip = xp.ascontiguousarray(W_flip).reshape(C, F * KH * KW)             # (C, F*KH*KW)
-    dx, _ = correlate(dout, W_flip, KH, KW, (1, 1), (KH - 1 - ph, KW - 1 - pw), spare=spare)  # (N, C, H, W)
-    return dx
-
-
-def reuse(spare, shape, like):
-    """spare's memory seen as a `shape` array, if spare is an array of like's kind and dtype
-    with room for it; else None (and the caller allocates)."""
-    n = math.prod(shape)
-    if spare is None or type(spare) is not type(like) or spare.dtype != like.dtype or spare.size < n:
-        return None
-    return spare.reshape(-1)[:n].reshape(shape)
-
-
 # ---------------------------------------------------------------------------
 # The reference: the definition of convolution, one output pixel at a time.
-# Slow, obviously right, and tested equal to Conv2d (tests/test_reference.py).
+# Slow, obviously right, and tested equal to every Conv2d engine.
 # ---------------------------------------------------------------------------
 def conv2d_naive(x, weight, bias=None, stride=1, padding=0):
     """out[n, f, i, j] = b[f] + sum_{c,kh,kw} x_pad[n, c, i*sh + kh, j*sw + kw] * W[f, c, kh, kw]."""

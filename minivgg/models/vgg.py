@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import backend
 from ..layers import (AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, Layer, Linear,
-                      MaxPool2d, ReLU, Sequential)
+                      MaxPool2d, ReLU, Sequential, make_conv2d)
 
 # The paper's Table 1: a number is a 3x3 conv (padding 1) with that many
 # output channels, each followed by ReLU; "M" is a 2x2 max-pool, stride 2.
@@ -60,7 +60,7 @@ def make_features(cfg: list, in_channels: int = 3, batch_norm: bool = False,
             layers.append(MaxPool2d(kernel_size=2, stride=2))
             continue
         f = next(widths)
-        layers.append(Conv2d(c, f, kernel_size=3, padding=1))
+        layers.append(make_conv2d(c, f, kernel_size=3, padding=1))   # the tuned engine
         if batch_norm:
             layers.append(BatchNorm2d(f))
         layers.append(ReLU())
