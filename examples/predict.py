@@ -1,6 +1,11 @@
 """Classify image files with a trained minivgg checkpoint: the top-5 classes and their probabilities.
 
     PYTHONPATH=. python examples/predict.py --checkpoint runs/vgg11_bn-fashion-mnist/best.npz shirt.jpg boot.png
+    PYTHONPATH=. python examples/predict.py --pretrained vgg16.safetensors cat.jpg   # ImageNet's top-5
+
+With --pretrained, the weights are ImageNet VGG weights as torchvision or timm publish them
+(.safetensors read without torch; .pth through torch), and the images get ImageNet's
+preprocessing (RGB, shorter side 256, centre crop 224, ImageNet's mean and std).
 
 The checkpoint carries everything needed: the model's config (rebuilt with build_model), its
 weights, the class names, the image size and channels, and the normalisation statistics.
@@ -23,6 +28,10 @@ EPILOG = """\
 examples:
   python examples/predict.py --checkpoint runs/vgg11_bn-fashion-mnist/best.npz photo.jpg
   python examples/predict.py --checkpoint best.npz --top 3 --device gpu *.png
+  python examples/predict.py --pretrained vgg16_bn.safetensors cat.jpg
+
+ImageNet weights: torchvision's vgg16-397923af.pth (its VGG16_Weights.IMAGENET1K_V1), or the
+.safetensors of timm's vgg16.tv_in1k on the Hugging Face hub (the same weights).
 
 exit status: 0 done, 2 bad input (checkpoint or image).
 """
@@ -33,7 +42,11 @@ def make_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="Print the most likely classes of each image under a trained "
                                             "minivgg checkpoint (from examples/train_vgg11.py).")
-    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a best.npz or last.npz")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", metavar="PATH", help="a best.npz or last.npz")
+    src.add_argument("--pretrained", metavar="PATH",
+                     help="ImageNet VGG weights (.safetensors, .pth or .npz; torchvision's or timm's "
+                          "layout): prints ImageNet's classes")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files of any size and mode")
     p.add_argument("--top", type=int, default=5, metavar="K", help="how many classes to show (default 5)")
     p.add_argument("--device", default="cpu", help="cpu, gpu or gpu:N (default cpu)")
@@ -41,6 +54,26 @@ def make_parser() -> argparse.ArgumentParser:
                    help="refuse an image with more pixels than this, before decoding it (default 40,000,000, "
                         "about 6300x6300, as serve.py)")
     return p
+
+
+def pretrained_probabilities(weights, images, max_pixels, device):
+    """ImageNet's class names and the (N, 1000) softmax of a pretrained VGG over image files."""
+    from PIL import Image
+
+    from minivgg import backend
+    from minivgg.data.folder import load_image
+    from minivgg.models.pretrained import imagenet_classes, imagenet_preprocess, load_pretrained
+    from minivgg.train import softmax
+    model = load_pretrained(weights).to(device).eval()
+    names = imagenet_classes() if model.config["num_classes"] == 1000 else \
+        [str(k) for k in range(model.config["num_classes"])]
+    probs = []
+    for path in images:
+        pixels = load_image(path, None, 3, max_pixels)                  # (3, H, W) uint8, EXIF applied
+        x = imagenet_preprocess(Image.fromarray(pixels.transpose(1, 2, 0)))   # (1, 3, 224, 224)
+        logits = backend.to_numpy(model.forward(backend.to_device(x, device)))
+        probs.append(softmax(logits.astype(np.float64))[0])
+    return names, np.stack(probs)
 
 
 def main(argv=None) -> int:
@@ -53,20 +86,24 @@ def main(argv=None) -> int:
             raise ValueError(f"--top must be >= 1, got {args.top}")
         if args.max_pixels < 1:
             raise ValueError(f"--max-pixels must be >= 1, got {args.max_pixels}")
-        predictor = Predictor(args.checkpoint, args.device)
-        probs = predictor.probabilities(args.images, args.max_pixels)
-    except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
+        if args.pretrained:
+            classes, probs = pretrained_probabilities(args.pretrained, args.images, args.max_pixels,
+                                                      args.device)
+        else:
+            predictor = Predictor(args.checkpoint, args.device)
+            classes, probs = predictor.classes, predictor.probabilities(args.images, args.max_pixels)
+    except (CheckpointError, FileNotFoundError, ValueError, RuntimeError, ImportError) as e:
         message = str(e).strip().splitlines()[0]
         if isinstance(e, TooManyPixelsError):
             message += "; pass --max-pixels N to accept it"
         print(f"error: {message}", file=sys.stderr)
         return 2
     k = min(args.top, probs.shape[1])
-    width = max(len(c) for c in predictor.classes)
+    width = max(len(classes[c]) for p in probs for c in np.argsort(-p, kind="stable")[:k])
     for path, p in zip(args.images, probs):
         print(path)
         for rank, c in enumerate(np.argsort(-p, kind="stable")[:k], start=1):
-            print(f"  {rank}. {predictor.classes[c]:<{width}}  {p[c]:7.2%}")
+            print(f"  {rank}. {classes[c]:<{width}}  {p[c]:7.2%}")
     return 0
 
 

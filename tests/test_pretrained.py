@@ -220,3 +220,34 @@ def test_imagenet_preprocessing_resizes_the_short_side_crops_the_centre_and_norm
     green = (1.0 - IMAGENET_MEAN[1]) / IMAGENET_STD[1]
     np.testing.assert_allclose(x[0, 1, 112, 112], green, rtol=1e-5)      # the centre is kept
     np.testing.assert_allclose(x[0, 1, 0, 0], -IMAGENET_MEAN[1] / IMAGENET_STD[1], rtol=1e-5)
+
+
+def test_predict_prints_imagenet_top5_with_pretrained_weights(tmp_path):
+    """predict.py --pretrained: ImageNet's class names and the model's own top-5, from a file."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+    root = Path(__file__).resolve().parents[1]
+    twin = _torchvision_module("vgg11", num_classes=1000, width_ratio=16, hidden=(32, 32))
+    safetensors_torch.save_file({k: v.contiguous() for k, v in twin.state_dict().items()},
+                                str(tmp_path / "w.safetensors"))
+    img = (np.random.default_rng(0).random((300, 260, 3)) * 255).astype(np.uint8)
+    Image.fromarray(img).save(tmp_path / "cat.png")
+    r = subprocess.run([sys.executable, str(root / "examples" / "predict.py"), "--pretrained",
+                        "w.safetensors", "cat.png"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "cat.png" and len(lines) == 6
+    x = imagenet_preprocess(Image.open(tmp_path / "cat.png"))
+    with torch.no_grad():
+        p = torch.softmax(twin(torch.from_numpy(x)), 1)[0].numpy()
+    names = imagenet_classes()
+    for line, c in zip(lines[1:], np.argsort(-p)[:5]):
+        assert names[c] in line and f"{p[c]:7.2%}".strip() in line
+    r = subprocess.run([sys.executable, str(root / "examples" / "predict.py"), "--pretrained",
+                        "missing.safetensors", "cat.png"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+    assert r.returncode == 2 and "missing.safetensors" in r.stderr and "Traceback" not in r.stderr
