@@ -31,16 +31,16 @@ ENVIRONMENTS = {"default": {}, "OPENBLAS_THREAD_TIMEOUT=4": {"OPENBLAS_THREAD_TI
 def worker(repeats: int) -> dict:
     """In this process: median ms of col2im after a GEMM, on 1 thread and on the default count."""
     import numpy as np
-    from minivgg.kernels import cpu
+    from minivgg.kernels import cpu, threads as pool
     N, C, H = 64, 64, 16
     rng = np.random.default_rng(0)
     A = rng.standard_normal((C * 9, 2 * C), dtype=np.float32)        # conv2's dx GEMM: (K, F) @ (F, M)
     B = rng.standard_normal((2 * C, H * H * N), dtype=np.float32)
     cols = rng.standard_normal((C * 9, H * H * N), dtype=np.float32)
-    threads = {"one thread": 1, f"{cpu.get_num_threads()} threads": cpu.get_num_threads()}
+    threads = {"one thread": 1, f"{pool.get_num_threads()} threads": pool.get_num_threads()}
     results = {}
     for name, n in threads.items():
-        cpu.set_num_threads(n)
+        pool.set_num_threads(n)
         results[name] = cpu.col2im_cpu(cols, (N, C, H, H), 3, 3, (1, 1), (1, 1))
     first = next(iter(results.values()))
     if not all(np.array_equal(r, first) for r in results.values()):
@@ -48,7 +48,7 @@ def worker(repeats: int) -> dict:
     times = {name: [] for name in threads}
     for _ in range(repeats):
         for name, n in threads.items():
-            cpu.set_num_threads(n)
+            pool.set_num_threads(n)
             A @ B
             t0 = time.perf_counter()
             cpu.col2im_cpu(cols, (N, C, H, H), 3, 3, (1, 1), (1, 1))

@@ -423,7 +423,13 @@ def test_cli_two_ranks_sync_bn_equal_one_process_and_resume_on_one_rank(tmp_path
         if k in noisy.values():
             np.testing.assert_allclose(two[k], one[k], rtol=1e-5, atol=1e-4, err_msg=k)
         elif k not in noisy:
-            np.testing.assert_allclose(two[k], one[k], rtol=1e-5, atol=1e-6, err_msg=k)
+            # The two runs sum gradients in another order, and Adam divides each update by
+            # sqrt(v), so an element whose gradient is small turns that float32 rounding into a
+            # larger change of its step. Compare at the project's float32 gradient tolerance,
+            # 1e-4 of the tensor's scale (1e-6 absolute held on AVX2 kernels; OpenBLAS's AVX-512
+            # kernels gave 2e-6 on a tensor of scale 0.2, on the unchanged code too).
+            np.testing.assert_allclose(two[k], one[k], rtol=1e-5,
+                                       atol=1e-4 * float(np.abs(one[k]).max()), err_msg=k)
     h1 = json.loads((tmp_path / "one" / "history.json").read_text())
     h2 = json.loads((tmp_path / "two" / "history.json").read_text())
     assert [r["val_top1"] for r in h2] == [r["val_top1"] for r in h1]
