@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend
-from ..layers import AdaptiveAvgPool2d, Flatten, Layer
+from ..layers import AdaptiveAvgPool2d, Flatten, Layer, Sequential
 from .vgg import VGG
 
 POOLINGS = (None, "avg", "max")
@@ -57,24 +57,17 @@ class ConvBase(Layer):
         if pooling not in POOLINGS:
             raise ValueError(f"ConvBase: pooling must be one of {POOLINGS}, got {pooling!r}")
         self.features, self.pooling = model.features, pooling
-        self.pool = {None: [], "avg": [AdaptiveAvgPool2d(1), Flatten()],
-                     "max": [GlobalMaxPool2d()]}[pooling]
-        self.out_channels = [m for m in model.features.layers if hasattr(m, "out_channels")][-1] \
-            .out_channels
+        self.pool = Sequential(*{None: [], "avg": [AdaptiveAvgPool2d(1), Flatten()],
+                                 "max": [GlobalMaxPool2d()]}[pooling])
 
     def children(self):
-        return [("features", self.features)] + [(f"pool{i}", m) for i, m in enumerate(self.pool)]
+        return [("features", self.features), ("pool", self.pool)]
 
     def forward(self, x):
-        x = self.features.forward(x)
-        for m in self.pool:
-            x = m.forward(x)
-        return x
+        return self.pool.forward(self.features.forward(x))      # (N, 512, h, w) or (N, 512)
 
     def backward(self, dout):
-        for m in reversed(self.pool):
-            dout = m.backward(dout)
-        return self.features.backward(dout)
+        return self.features.backward(self.pool.backward(dout))  # (N, C, H, W)
 
     def extract(self, images, batch_size: int = 64, progress: bool = True) -> np.ndarray:
         """Features of every image of `images` (N, C, H, W) float, in eval mode, as NumPy.

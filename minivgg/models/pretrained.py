@@ -256,8 +256,5 @@ def load_pretrained(path, num_classes: int | None = None, arch: str | None = Non
         config["num_classes"] = int(num_classes)
         skip = (f"classifier.{_indexed(state, 'classifier', 'weight', 2)[-1][0]}.",)
     model = VGG(dropout=dropout, **config)
-    dtype = model.features.layers[0].params["weight"].dtype
-    load_torchvision_weights(model, {k: np.asarray(v, dtype=dtype)
-                                     if np.issubdtype(np.asarray(v).dtype, np.floating) else
-                                     np.asarray(v) for k, v in state.items()}, skip=skip)
+    load_torchvision_weights(model, state, skip=skip)   # load_state_dict casts to the model's dtype
     return model

@@ -30,14 +30,15 @@ from .vgg import VGG
 RULES = ("bn", "l1")
 
 
-def _convs(model: VGG) -> list[tuple[Conv2d, BatchNorm2d | None]]:
+def _convs(model: VGG) -> list[tuple[str, Conv2d, str | None, BatchNorm2d | None]]:
+    """Every conv of the trunk with its name, and the BatchNorm after it (or None) with its name."""
     layers = model.features.layers
     out = []
     for i, m in enumerate(layers):
         if isinstance(m, Conv2d):
             bn = layers[i + 1] if i + 1 < len(layers) and isinstance(layers[i + 1], BatchNorm2d) \
                 else None
-            out.append((m, bn))
+            out.append((f"features.{i}", m, f"features.{i + 1}" if bn is not None else None, bn))
     return out
 
 
@@ -46,7 +47,7 @@ def channel_scores(model: VGG, rule: str = "bn") -> list[np.ndarray]:
     if rule not in RULES:
         raise ValueError(f"prune: rule must be one of {RULES}, got {rule!r}")
     scores = []
-    for conv, bn in _convs(model):
+    for _, conv, _, bn in _convs(model):
         if rule == "bn":
             if bn is None:
                 raise ValueError("prune: rule 'bn' needs a BatchNorm after every convolution; "
@@ -79,34 +80,28 @@ def prune(model: VGG, ratio: float, rule: str = "bn", min_channels: int = 1) -> 
     if not isinstance(model, VGG):
         raise TypeError(f"prune: expected a minivgg VGG, got {type(model).__name__}")
     keep = select_channels(model, ratio, rule, min_channels)
-    config = dict(model.config, channels=[len(k) for k in keep])
-    small = VGG(**config)
+    small = VGG(**dict(model.config, channels=[len(k) for k in keep]))
+    convs = _convs(model)
     state, new = model.state_dict(), {}
-    src_convs = [name for name, m in model.modules() if isinstance(m, Conv2d)]
-    src_bns = {name: m for name, m in model.modules() if isinstance(m, BatchNorm2d)}
-    prev = np.arange(model.in_channels)
-    for (conv_name, k), (conv, bn) in zip(zip(src_convs, keep), _convs(model)):
-        new[f"{conv_name}.weight"] = state[f"{conv_name}.weight"][k][:, prev]
+    prev = np.arange(model.in_channels)                  # the kept inputs of the next conv
+    for (conv_name, _, bn_name, _), k in zip(convs, keep):
+        new[f"{conv_name}.weight"] = state[f"{conv_name}.weight"][k][:, prev]   # (F', C', 3, 3)
         if f"{conv_name}.bias" in state:
             new[f"{conv_name}.bias"] = state[f"{conv_name}.bias"][k]
-        if bn is not None:
-            bn_name = next(n for n, m in src_bns.items() if m is bn)
+        if bn_name is not None:
             for key in ("weight", "bias", "running_mean", "running_var"):
                 new[f"{bn_name}.{key}"] = state[f"{bn_name}.{key}"][k]
-            if f"{bn_name}.num_batches_tracked" in state:
-                new[f"{bn_name}.num_batches_tracked"] = state[f"{bn_name}.num_batches_tracked"]
+            new[f"{bn_name}.num_batches_tracked"] = state[f"{bn_name}.num_batches_tracked"]
         prev = k
-    linears = [name for name, m in model.modules() if isinstance(m, Linear)]
-    first = linears[0]
+    first = next(name for name, m in model.modules() if isinstance(m, Linear))
     w = state[f"{first}.weight"]                                       # (H, C*P*P)
-    pp = w.shape[1] // _convs(model)[-1][0].out_channels               # P*P (1 for the gap head)
+    pp = w.shape[1] // convs[-1][1].out_channels                       # P*P (1 for the gap head)
     cols = (prev[:, None] * pp + np.arange(pp)[None, :]).reshape(-1)   # (C'*P*P,)
     new[f"{first}.weight"] = w[:, cols]
     for k in state:
         if k not in new and not k.startswith("features."):
             new[k] = state[k]                                          # the rest of the head
-    small.load_state_dict({k: backend.to_numpy(v) if hasattr(v, "shape") else v
-                           for k, v in new.items()})
+    small.load_state_dict(new)
     small.train(model.training)
     return small
 
@@ -114,7 +109,7 @@ def prune(model: VGG, ratio: float, rule: str = "bn", min_channels: int = 1) -> 
 def zero_pruned_channels(model: VGG, keep) -> None:
     """In place: every dropped channel's output made 0, the equivalence's other side: gamma and
     beta of its BatchNorm set to 0, or without BatchNorm its filter and bias."""
-    for (conv, bn), k in zip(_convs(model), keep):
+    for (_, conv, _, bn), k in zip(_convs(model), keep):
         drop = np.setdiff1d(np.arange(conv.out_channels), k)
         for layer, keys in ((bn, ("weight", "bias")),) if bn is not None else \
                 ((conv, ("weight", "bias")),):
