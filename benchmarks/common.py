@@ -286,12 +286,28 @@ def _numpy_blas() -> str:
         return "unknown"
 
 
-def _blas_core() -> str:
-    from minivgg import backend
-    try:
-        return backend.blas_core()
-    except OSError:
-        return "unknown"
+def blas_core() -> str:
+    """The kernel family NumPy's OpenBLAS runs ('Haswell', 'SkylakeX', ...), or 'unknown'.
+
+    OpenBLAS picks it from the CPU when it loads, unless $OPENBLAS_CORETYPE pins
+    one; benchmarks print it because GEMM speed depends on it (AVX2 vs AVX-512).
+    """
+    import ctypes
+    import glob
+    import os
+    libdir = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs")
+    for path in glob.glob(os.path.join(libdir, "*openblas*")):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename",
+                     "openblas_get_corename64_", "openblas_get_corename"):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn.restype = ctypes.c_char_p
+                return fn().decode()
+    return "unknown"
 
 
 def machine_info(device: str = "cpu") -> dict:
@@ -306,7 +322,7 @@ def machine_info(device: str = "cpu") -> dict:
         "numpy": np.__version__,
         "numpy_blas": _numpy_blas(),
         "numpy_blas_threads": numpy_blas_threads(),
-        "numpy_blas_core": _blas_core(),
+        "numpy_blas_core": blas_core(),
         "openblas_coretype_env": os.environ.get("OPENBLAS_CORETYPE", "(unset: OpenBLAS detects the CPU)"),
         "openblas_thread_timeout_env": os.environ.get("OPENBLAS_THREAD_TIMEOUT", "(unset: OpenBLAS's 28)"),
         "torch": torch.__version__,

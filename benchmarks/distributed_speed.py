@@ -47,7 +47,7 @@ def sync(device: str) -> None:
 def worker(args) -> None:
     """Time training steps; rank 0 prints one JSON line with the medians."""
     import numpy as np
-    from minivgg import backend
+    from minivgg import backend, random_stream
     from minivgg.losses import SoftmaxCrossEntropy
     from minivgg.models import VGG
     from minivgg.optim import Adam
@@ -60,7 +60,7 @@ def worker(args) -> None:
         dist = distributed.init(args.device, bucket_mb=args.bucket_mb)
         dist.install_excepthook()
         rank, world, device = dist.rank, dist.world, dist.device
-    backend.seed(0)
+    random_stream.seed(0)
     model = VGG("vgg11", num_classes=10, in_channels=1, width_ratio=args.width_ratio, head="classic",
                 hidden=(512, 512), pool_size=1, dropout=0.0).to(device)
     skip_input_grad(model)

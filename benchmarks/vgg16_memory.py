@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.p
 import numpy as np  # noqa: E402
 
 import minivgg  # noqa: E402
+from benchmarks.common import blas_core  # noqa: E402
 from minivgg import kernels  # noqa: E402
 from minivgg.losses import SoftmaxCrossEntropy  # noqa: E402
 from minivgg.models import vgg16, vgg16_bn  # noqa: E402
@@ -80,7 +81,7 @@ def main() -> None:
         "workspace_limit_mb": kernels.get_workspace_limit() / 2**20,
         "baseline_rss_mib": base, "peak_rss_mib": rss_mb("VmHWM"),
         "params_grads_adam_mib": state_mb,
-        "blas_core": minivgg.backend.blas_core(),
+        "blas_core": blas_core(),
     }
     print(f"\n{figures['model']}, {n_params:,} parameters, batch {args.batch} at "
           f"{args.image_size}x{args.image_size}, im2col workspace limit "

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout as it is
-from minivgg import backend  # noqa: E402
+from minivgg import random_stream  # noqa: E402
 from minivgg.data import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist  # noqa: E402
 from minivgg.gradcheck import GradError, numerical_gradient  # noqa: E402
 from minivgg.layers import Conv2d, Flatten, Linear, MaxPool2d, ReLU, SoftmaxCrossEntropy  # noqa: E402
@@ -54,7 +54,7 @@ def walkthrough(index=0, channels=4, noise=1e-3, seed=0, out=print):
 
     Returns {gradient name: GradError}; raises AssertionError at the first wrong gradient.
     """
-    backend.seed(seed)
+    random_stream.seed(seed)
     x, y = one_image(index, noise, seed)
     net = [("conv", Conv2d(1, channels, 3, padding=1)), ("relu", ReLU()), ("pool", MaxPool2d(2)),
            ("flatten", Flatten()), ("fc", Linear(channels * 14 * 14, 10))]

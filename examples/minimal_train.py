@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout as it is
-from minivgg import backend  # noqa: E402
+from minivgg import random_stream  # noqa: E402
 from minivgg.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist  # noqa: E402
 from minivgg.layers import Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sequential, SoftmaxCrossEntropy  # noqa: E402
 from minivgg.optim import SGD  # noqa: E402
@@ -23,7 +23,7 @@ def as_input(images):
 
 def train(steps=300, batch_size=64, lr=0.05, train_images=6000, test_images=1000, seed=0, log_every=50):
     """Train a conv-ReLU-pool-linear network; returns (losses per step, test accuracy)."""
-    backend.seed(seed)                                                   # same weights every run
+    random_stream.seed(seed)                                                   # same weights every run
     images, labels = load_fashion_mnist("train")
     X, Y = as_input(images[:train_images]), labels[:train_images]        # (n, 1, 28, 28), (n,)
     model = Sequential(Conv2d(1, 8, 3, padding=1), ReLU(), MaxPool2d(2), Flatten(), Linear(8 * 14 * 14, 10))

@@ -452,9 +452,9 @@ def make_loaders(args, data, dist=None):
 
 # -- model and optimiser ------------------------------------------------------------------------
 def make_model(args, num_classes, channels):
-    from minivgg import backend
+    from minivgg import random_stream
     from minivgg.models import VGG
-    backend.seed(args.seed)
+    random_stream.seed(args.seed)
     arch = args.model + ("_bn" if args.bn else "")
     model = VGG(arch, num_classes=num_classes, in_channels=channels, width_ratio=args.width_ratio,
                 head=args.head, hidden=args.hidden, pool_size=args.pool_size, dropout=args.dropout,

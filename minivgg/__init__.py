@@ -14,6 +14,6 @@ if "numpy" not in _sys.modules:
     _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 from . import backend, layers  # noqa: E402
-from .backend import seed  # noqa: E402
+from .random_stream import seed  # noqa: E402
 
 __all__ = ["backend", "layers", "seed", "__version__"]

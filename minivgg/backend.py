@@ -3,7 +3,8 @@
 Layer code never asks "am I on the GPU?". It asks an array which module made
 it (``xp = get_array_module(x)``) and calls ``xp.matmul``, ``xp.zeros`` ... so
 the same lines run on NumPy (CPU) and CuPy (GPU). This file chooses devices,
-moves arrays between them, and seeds both random number generators.
+and moves arrays between them. The random stream both devices draw from is
+minivgg.random_stream; the NCCL lookup lives with data parallelism (minivgg.distributed).
 """
 from __future__ import annotations
 
@@ -27,14 +28,6 @@ else:
 _INSTALL_HINT = ("install CuPy with the extra that matches your CUDA toolkit: "
                  "pip install 'minivgg[cuda12]' (cupy-cuda12x) or "
                  "pip install 'minivgg[cuda13]' (cupy-cuda13x)")
-
-# The CPU random generator every layer and data loader draws from, unless it is
-# handed its own. `seed()` resets it; checkpoints save and restore its state.
-_rng = np.random.default_rng(0)
-# The GPU's random numbers come from minivgg's Philox kernel (kernels/kernels.cu): counter-based,
-# so the whole state is (seed, offset), the count of numbers drawn so far. Checkpoints store it.
-_gpu_stream = {"seed": 0, "offset": 0}
-
 
 def gpu_available() -> bool:
     """True when CuPy imports and sees at least one CUDA device."""
@@ -77,7 +70,7 @@ def get_xp(device: str = "cpu"):
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as e:
         raise RuntimeError(f"device {device!r}: CuPy is installed but no CUDA device or driver "
-                           f"was found ({e}). Check `nvidia-smi`, or use --device cpu") from e
+                           f"was found ({e}). Check `nvidia-smi`, or use the device 'cpu'") from e
     if index >= count:
         raise RuntimeError(f"device {device!r}: only {count} CUDA device(s) present "
                            f"(valid: gpu:0 .. gpu:{count - 1})")
@@ -92,24 +85,8 @@ def _tell_fake() -> None:
     global _told_fake
     _told_fake = True
     import warnings
-    warnings.warn("minivgg: the GPU backend is the CuPy stand-in (MINIVGG_FAKE_CUPY=1): --device gpu runs "
+    warnings.warn("minivgg: the GPU backend is the CuPy stand-in (MINIVGG_FAKE_CUPY=1): the device 'gpu' runs "
                   "minivgg's CUDA kernels on the CPU; results are real, speeds are not a GPU's", stacklevel=3)
-
-
-def nccl_module():
-    """CuPy's NCCL bindings (cupy.cuda.nccl), for data-parallel training on GPUs (minivgg.distributed)."""
-    if cupy is None:
-        raise RuntimeError(f"NCCL needs CuPy, which could not be imported ({_CUPY_IMPORT_ERROR}); {_INSTALL_HINT}")
-    import importlib
-    try:   # cupy.cuda.nccl, of whichever module `cupy` is here (the real one, or the test stand-in)
-        nccl = importlib.import_module(f"{cupy.__name__}.cuda.nccl")
-    except ImportError as e:
-        raise RuntimeError(f"{cupy.__name__} has no NCCL bindings ({e}): data-parallel GPU training needs "
-                           "CuPy with NCCL (pip install nvidia-nccl-cu12 beside cupy-cuda12x)") from e
-    if not nccl.available:
-        raise RuntimeError("this CuPy has no NCCL library: pip install nvidia-nccl-cu12 (or -cu13) "
-                           "beside cupy-cuda12x, or train on the CPU")
-    return nccl
 
 
 def is_gpu_array(x) -> bool:
@@ -150,65 +127,6 @@ def synchronize(x=None) -> None:
         cupy.cuda.Device().synchronize()
 
 
-def seed(value: int) -> None:
-    """Seed every generator minivgg draws from: NumPy's on the CPU, the Philox stream on the GPU."""
-    global _rng
-    _rng = np.random.default_rng(value)
-    _gpu_stream.update(seed=int(value) % 2**64, offset=0)
-
-
-def get_rng() -> np.random.Generator:
-    """The shared CPU generator (weight init, dropout on the CPU, shuffling)."""
-    return _rng
-
-
-def rng_state() -> dict:
-    """Both generators' states, as plain data a checkpoint can store."""
-    return {"cpu": _rng.bit_generator.state, "gpu": dict(_gpu_stream)}
-
-
-def set_rng_state(state: dict) -> None:
-    if "bit_generator" in state:   # a checkpoint from before the GPU stream was saved
-        state = {"cpu": state, "gpu": {"seed": 0, "offset": 0}}
-    _rng.bit_generator.state = state["cpu"]
-    _gpu_stream.update(seed=int(state["gpu"]["seed"]), offset=int(state["gpu"]["offset"]))
-
-
-def random_uniform(xp, shape, dtype):
-    """Uniform [0, 1) numbers of `dtype` made on the device of `xp`.
-
-    On the GPU they are drawn on the device (no copy from the host) by minivgg's Philox
-    kernel, and the stream's offset advances by their count.
-    """
-    if xp is np:
-        return _rng.random(shape, dtype=np.float32 if dtype == np.float16 else dtype).astype(dtype, copy=False)
-    from .kernels.gpu import uniform_gpu
-    u = uniform_gpu(shape, _gpu_stream["seed"], _gpu_stream["offset"])      # float32
-    _gpu_stream["offset"] += int(np.prod(shape, dtype=np.int64))
-    return u.astype(dtype, copy=False)
-
-
 def device_of(x) -> str:
     """'cpu' or 'gpu:N' for an array."""
     return f"gpu:{x.device.id}" if is_gpu_array(x) else "cpu"
-
-
-def blas_core() -> str:
-    """The kernel family NumPy's OpenBLAS runs ('Haswell', 'SkylakeX', ...), or 'unknown'.
-
-    OpenBLAS picks it from the CPU when it loads, unless $OPENBLAS_CORETYPE pins
-    one; benchmarks print it because GEMM speed depends on it (AVX2 vs AVX-512).
-    """
-    import ctypes
-    import glob
-    import os
-    libdir = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs")
-    for path in glob.glob(os.path.join(libdir, "*openblas*")):
-        lib = ctypes.CDLL(path)
-        for name in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename",
-                     "openblas_get_corename64_", "openblas_get_corename"):
-            fn = getattr(lib, name, None)
-            if fn is not None:
-                fn.restype = ctypes.c_char_p
-                return fn().decode()
-    return "unknown"

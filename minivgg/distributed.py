@@ -84,6 +84,24 @@ class StagedMPIEngine(MPIEngine):
         return buf
 
 
+def nccl_module():
+    """CuPy's NCCL bindings (cupy.cuda.nccl), for data-parallel training on GPUs (minivgg.distributed)."""
+    cupy = backend.cupy
+    if cupy is None:
+        raise RuntimeError("NCCL needs CuPy, which could not be imported; install minivgg's GPU extra "
+                           "(see docs/GPU.md)")
+    import importlib
+    try:   # cupy.cuda.nccl, of whichever module `cupy` is here (the real one, or the test stand-in)
+        nccl = importlib.import_module(f"{cupy.__name__}.cuda.nccl")
+    except ImportError as e:
+        raise RuntimeError(f"{cupy.__name__} has no NCCL bindings ({e}): data-parallel GPU training needs "
+                           "CuPy with NCCL (pip install nvidia-nccl-cu12 beside cupy-cuda12x)") from e
+    if not nccl.available:
+        raise RuntimeError("this CuPy has no NCCL library: pip install nvidia-nccl-cu12 (or -cu13) "
+                           "beside cupy-cuda12x, or train on the CPU")
+    return nccl
+
+
 class NCCLEngine:
     """In-place collectives on CuPy arrays through NCCL (the GPU path): no copy to the host.
 
@@ -94,7 +112,7 @@ class NCCLEngine:
     name = "nccl"
 
     def __init__(self, comm, rank: int, world: int):
-        nccl = backend.nccl_module()
+        nccl = nccl_module()
         uid = nccl.get_unique_id() if rank == 0 else None   # a tuple of 128 bytes naming the clique
         uid = comm.bcast(uid, root=0)                      # the one thing MPI carries for NCCL
         self.nccl = nccl

@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minivgg import backend  # noqa: E402
+from minivgg import backend, random_stream  # noqa: E402
 from minivgg.data import DataLoader, ShardedLoader, shard_bounds  # noqa: E402
 from minivgg.models import VGG  # noqa: E402
 from minivgg.optim import Adam  # noqa: E402
@@ -64,7 +64,7 @@ def make_data(n, seed=0):
 
 
 def make_model(bn, width_ratio=16):
-    backend.seed(0)
+    random_stream.seed(0)
     return VGG("vgg11_bn" if bn != "none" else "vgg11", num_classes=4, in_channels=1, width_ratio=width_ratio,
                head="classic", hidden=(16,), pool_size=1, dropout=0.0, init="kaiming")
 

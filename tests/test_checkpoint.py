@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from minivgg import backend
+from minivgg import random_stream
 from minivgg.layers import BatchNorm2d, Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sequential
 from minivgg.optim import Adam, StepLR
 from minivgg.train import CheckpointError, load_checkpoint, save_checkpoint
@@ -13,7 +13,7 @@ from minivgg.train.checkpoint import atomic_savez, checkpoint_arrays
 
 
 def small_net(channels=4, seed=0):
-    backend.seed(seed)
+    random_stream.seed(seed)
     net = Sequential(Conv2d(1, channels, 3, padding=1), BatchNorm2d(channels), ReLU(), MaxPool2d(2),
                      Flatten(), Linear(channels * 4 * 4, 3))
     net.config = {"arch": "tiny", "channels": channels}   # what a VGG carries in .config
@@ -24,7 +24,7 @@ def trained(net, steps=2):
     """One Adam + StepLR run, so the optimizer has moments and the schedule has moved."""
     opt = Adam(net, lr=1e-2)
     sched = StepLR(opt, step_size=1, gamma=0.5)
-    x = backend.get_rng().standard_normal((6, 1, 8, 8)).astype(np.float32)
+    x = random_stream.get_rng().standard_normal((6, 1, 8, 8)).astype(np.float32)
     for _ in range(steps):
         out = net.forward(x)
         net.backward(np.ones_like(out) / out.size)
@@ -39,12 +39,12 @@ def test_round_trip_restores_weights_optimizer_schedule_rng_and_metadata(tmp_pat
     history = [{"epoch": 1, "train_loss": 1.5}]
     path = save_checkpoint(tmp_path / "last.npz", net, opt, sched, epoch=3, extra={"class_names": ["a", "b", "c"]},
                            global_step=17, best_metric=0.75, history=history)
-    after_save = backend.get_rng().random(4)              # the draws a resumed run must repeat
+    after_save = random_stream.get_rng().random(4)              # the draws a resumed run must repeat
 
     other = small_net(seed=99)
     opt2 = Adam(other, lr=1.0)
     sched2 = StepLR(opt2, step_size=1, gamma=0.5)
-    backend.seed(12345)
+    random_stream.seed(12345)
     ckpt = load_checkpoint(path, other, opt2, sched2, restore_rng=True)
 
     for name, a in net.state_dict().items():
@@ -52,7 +52,7 @@ def test_round_trip_restores_weights_optimizer_schedule_rng_and_metadata(tmp_pat
     assert opt2.lr == opt.lr and sched2.last_epoch == sched.last_epoch == 2
     for key, a in opt.state_dict().items():
         assert np.array_equal(a, opt2.state_dict()[key]), key
-    assert np.array_equal(backend.get_rng().random(4), after_save)
+    assert np.array_equal(random_stream.get_rng().random(4), after_save)
     assert ckpt["config"] == net.config
     assert ckpt["epoch"] == 3 and ckpt["global_step"] == 17 and ckpt["best_metric"] == 0.75
     assert ckpt["history"] == history and ckpt["extra"]["class_names"] == ["a", "b", "c"]
@@ -66,7 +66,7 @@ def test_every_value_is_a_plain_array_readable_without_pickle(tmp_path):
     path = save_checkpoint(tmp_path / "c.npz", net, opt, sched)
     with np.load(path, allow_pickle=False) as z:
         assert all(z[k].dtype != object for k in z.files)
-        assert json.loads(str(z["rng"][()])) == json.loads(json.dumps(backend.rng_state()))
+        assert json.loads(str(z["rng"][()])) == json.loads(json.dumps(random_stream.rng_state()))
 
 
 def test_a_crash_while_writing_keeps_the_old_checkpoint_and_leaves_no_temp_file(tmp_path, monkeypatch):

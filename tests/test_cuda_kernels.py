@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from minivgg import backend
+from minivgg import backend, random_stream
 from minivgg.kernels import gpu as gpu_kernels
 from minivgg.kernels import im2col, col2im, maxpool_backward, maxpool_forward
 from minivgg.kernels.cpu import col2im_cpu, im2col_cpu
@@ -127,19 +127,19 @@ def test_philox_matches_the_published_known_answer():
 
 @needs_gpu_backend
 def test_gpu_random_stream_is_a_pure_function_of_seed_and_offset():
-    backend.seed(5)
-    a = backend.to_numpy(backend.random_uniform(backend.cupy, (10,), np.float32))
-    b = backend.to_numpy(backend.random_uniform(backend.cupy, (2, 3), np.float32)).ravel()
-    state = backend.rng_state()
+    random_stream.seed(5)
+    a = backend.to_numpy(random_stream.random_uniform(backend.cupy, (10,), np.float32))
+    b = backend.to_numpy(random_stream.random_uniform(backend.cupy, (2, 3), np.float32)).ravel()
+    state = random_stream.rng_state()
     assert state["gpu"] == {"seed": 5, "offset": 16}
-    c = backend.to_numpy(backend.random_uniform(backend.cupy, (4,), np.float32))
-    backend.seed(5)
-    whole = backend.to_numpy(backend.random_uniform(backend.cupy, (16,), np.float32))
+    c = backend.to_numpy(random_stream.random_uniform(backend.cupy, (4,), np.float32))
+    random_stream.seed(5)
+    whole = backend.to_numpy(random_stream.random_uniform(backend.cupy, (16,), np.float32))
     np.testing.assert_array_equal(np.concatenate([a, b]), whole)    # draws continue, never repeat
-    backend.set_rng_state(state)
-    np.testing.assert_array_equal(backend.to_numpy(backend.random_uniform(backend.cupy, (4,), np.float32)), c)
-    backend.seed(6)
-    assert not np.array_equal(backend.to_numpy(backend.random_uniform(backend.cupy, (16,), np.float32)), whole)
+    random_stream.set_rng_state(state)
+    np.testing.assert_array_equal(backend.to_numpy(random_stream.random_uniform(backend.cupy, (4,), np.float32)), c)
+    random_stream.seed(6)
+    assert not np.array_equal(backend.to_numpy(random_stream.random_uniform(backend.cupy, (16,), np.float32)), whole)
 
 
 @needs_gpu_backend
@@ -156,13 +156,13 @@ def test_gpu_uniform_is_uniform():
 
 def test_old_checkpoint_rng_state_still_loads():
     """A checkpoint written before the GPU stream was saved holds the bare NumPy state."""
-    backend.seed(3)
-    old = backend.get_rng().bit_generator.state
-    expected = backend.get_rng().random(3)
-    backend.seed(4)
-    backend.set_rng_state(old)
-    np.testing.assert_array_equal(backend.get_rng().random(3), expected)
-    assert backend.rng_state()["gpu"] == {"seed": 0, "offset": 0}
+    random_stream.seed(3)
+    old = random_stream.get_rng().bit_generator.state
+    expected = random_stream.get_rng().random(3)
+    random_stream.seed(4)
+    random_stream.set_rng_state(old)
+    np.testing.assert_array_equal(random_stream.get_rng().random(3), expected)
+    assert random_stream.rng_state()["gpu"] == {"seed": 0, "offset": 0}
 
 
 # -- nvcc: the same source for real GPUs ------------------------------------------------------------------

@@ -510,7 +510,7 @@ class FakeNccl:
 def test_nccl_engine_all_reduces_device_buffers_for_buckets_and_sync_batchnorm(monkeypatch, rng):
     from minivgg import distributed
     fake = FakeNccl(2)
-    monkeypatch.setattr(backend, "nccl_module", lambda: fake)
+    monkeypatch.setattr(distributed, "nccl_module", lambda: fake)
 
     class HostComm:   # what MPI does for NCCL: hand rank 0's unique id to everyone
         def bcast(self, obj, root=0):

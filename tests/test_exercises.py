@@ -281,7 +281,7 @@ import math
 
 import numpy as np
 
-from .. import backend
+from .. import backend, random_stream
 from ..kernels import col2im, im2col, out_size
 from .base import Layer, pair
 
@@ -295,7 +295,7 @@ class Conv2d(Layer):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = pair(kernel_size), pair(stride), pair(padding)
         shape = (out_channels, in_channels) + self.kernel_size
-        self.params["weight"] = (backend.get_rng().standard_normal(shape) / math.prod(shape[1:])).astype(dtype)
+        self.params["weight"] = (random_stream.get_rng().standard_normal(shape) / math.prod(shape[1:])).astype(dtype)
         if bias:
             self.params["bias"] = np.full(out_channels, 0.1, dtype=dtype)
 

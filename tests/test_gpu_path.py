@@ -8,7 +8,7 @@ the data path; host-to-device copies only for the batch itself.
 import numpy as np
 import pytest
 
-from minivgg import backend
+from minivgg import backend, random_stream
 from minivgg.data import DataLoader, transforms
 from minivgg.losses import SoftmaxCrossEntropy
 from minivgg.models import vgg11_bn
@@ -25,7 +25,7 @@ def data(n=32, seed=0):
 
 
 def tiny_model(seed=0, dropout=0.5):
-    backend.seed(seed)
+    random_stream.seed(seed)
     return vgg11_bn(num_classes=10, in_channels=1, width_ratio=32, hidden=(16, 16), pool_size=1, dropout=dropout)
 
 
@@ -101,7 +101,7 @@ def run(out_dir, max_steps=None, resume=None):
     model = tiny_model(seed=1)
     opt = Adam(model, lr=1e-2)
     sched = LinearWarmup(opt, warmup_steps=3, after=CosineAnnealingLR(opt, T_max=2))
-    backend.seed(99)   # a resumed process starts from some other generator state
+    random_stream.seed(99)   # a resumed process starts from some other generator state
     trainer = Trainer(model, opt, loader(images, labels, "gpu", augment=True), out_dir=out_dir, device="gpu",
                       scheduler=sched, max_steps=max_steps, progress=False, plots=False)
     trainer.fit(2, resume=resume)
@@ -121,8 +121,8 @@ def test_gpu_resume_needs_the_saved_device_stream(tmp_path, monkeypatch):
     """The test above can fail: restore everything but the GPU stream and the weights differ."""
     whole = run(tmp_path / "whole")
     run(tmp_path / "part", max_steps=7)
-    restore = backend.set_rng_state
-    monkeypatch.setattr(backend, "set_rng_state",
+    restore = random_stream.set_rng_state
+    monkeypatch.setattr(random_stream, "set_rng_state",
                         lambda state: restore({"cpu": state["cpu"], "gpu": {"seed": 99, "offset": 0}}))
     resumed = run(tmp_path / "part", resume=tmp_path / "part" / "last.npz")
     assert any(not np.array_equal(backend.to_numpy(a), backend.to_numpy(b))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minivgg import backend
+from minivgg import random_stream
 from minivgg.data import DataLoader
 from minivgg.layers import Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sequential
 from minivgg.optim import SGD
@@ -38,7 +38,7 @@ def test_minimal_loop_learns_fashion_mnist(capsys):
 
 
 def tiny_model():
-    backend.seed(0)
+    random_stream.seed(0)
     return Sequential(Conv2d(1, 2, 3, padding=1), ReLU(), MaxPool2d(2), Flatten(), Linear(2 * 4 * 4, 3))
 
 

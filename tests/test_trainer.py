@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from minivgg import backend
+from minivgg import random_stream
 from minivgg.data import DataLoader, transforms
 from minivgg.layers import Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sequential
 from minivgg.losses import SoftmaxCrossEntropy
@@ -23,7 +23,7 @@ def toy_data(n=48, size=32, classes=10, seed=0):
 
 def tiny_vgg(seed=0, bn=True, dropout=0.5, width_ratio=32, head="classic"):
     """VGG-11 with 2..16 channels: the real architecture, milliseconds per step."""
-    backend.seed(seed)
+    random_stream.seed(seed)
     make = vgg11_bn if bn else vgg11
     hidden = (16, 16) if head == "classic" else ()
     return make(num_classes=10, in_channels=1, width_ratio=width_ratio, head=head, hidden=hidden,
@@ -51,7 +51,7 @@ def resumable_run(out_dir, model_seed, max_steps=None, resume=None, scramble_rng
     opt = Adam(model, lr=1e-2)
     sched = LinearWarmup(opt, warmup_steps=4, after=CosineAnnealingLR(opt, T_max=3))
     if scramble_rng:
-        backend.seed(987654)   # a resumed process starts from some other generator state
+        random_stream.seed(987654)   # a resumed process starts from some other generator state
     trainer = quiet(model, opt, train, out_dir, val_loader=val, scheduler=sched, max_steps=max_steps)
     trainer.fit(3, resume=resume)
     return model, trainer

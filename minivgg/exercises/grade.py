@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import backend, kernels
+from .. import backend, kernels, random_stream
 from ..gradcheck import GradError, check_function, check_layer
 from .generate import BY_NAME, EXERCISES, GAP
 
@@ -143,7 +143,7 @@ def normal(shape, seed=7):
 
 
 def make(cls, *args, dtype=np.float64, seed=0, **kw):
-    backend.seed(seed)
+    random_stream.seed(seed)
     return cls(*args, **kw).astype(dtype)
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import backend
+from .. import backend, random_stream
 from .base import Layer
 
 
@@ -36,7 +36,7 @@ class Dropout(Layer):
 
     seed: give the layer its own generator, drawn on the host (and copied to
     the GPU), so its masks repeat on both devices; otherwise it draws from the
-    one minivgg.backend.seed() sets.
+    one minivgg.seed() sets.
     """
 
     def __init__(self, p=0.5, seed=None):
@@ -55,7 +55,7 @@ class Dropout(Layer):
         if self._rng is not None:
             u = xp.asarray(self._rng.random(x.shape, dtype=np.float64).astype(x.dtype))
         else:
-            u = backend.random_uniform(xp, x.shape, x.dtype)           # same shape as x
+            u = random_stream.random_uniform(xp, x.shape, x.dtype)           # same shape as x
         scale = 0.0 if self.p == 1.0 else 1.0 / (1.0 - self.p)
         mask = (u >= self.p).astype(x.dtype) * x.dtype.type(scale)     # same shape as x
         self.cache = (mask, x)

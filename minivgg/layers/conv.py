@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from .. import backend
+from .. import backend, random_stream
 from ..kernels import batch_chunks, col2im, im2col, out_size, pad_input
 from .base import Layer, pair
 
@@ -48,7 +48,7 @@ class Conv2d(Layer):
         KH, KW = self.kernel_size
         # PyTorch's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
         bound = 1.0 / math.sqrt(in_channels * KH * KW)
-        rng = backend.get_rng()
+        rng = random_stream.get_rng()
         self.params["weight"] = rng.uniform(-bound, bound, (out_channels, in_channels, KH, KW)).astype(dtype)
         if bias:
             self.params["bias"] = rng.uniform(-bound, bound, (out_channels,)).astype(dtype)

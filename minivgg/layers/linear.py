@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from .. import backend
+from .. import random_stream
 from .base import Layer
 
 
@@ -26,7 +26,7 @@ class Linear(Layer):
         super().__init__()
         self.in_features, self.out_features = int(in_features), int(out_features)
         bound = 1.0 / math.sqrt(in_features)  # PyTorch's default init
-        rng = backend.get_rng()
+        rng = random_stream.get_rng()
         self.params["weight"] = rng.uniform(-bound, bound, (out_features, in_features)).astype(dtype)
         if bias:
             self.params["bias"] = rng.uniform(-bound, bound, (out_features,)).astype(dtype)

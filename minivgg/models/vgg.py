@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from .. import backend
+from .. import backend, random_stream
 from ..layers import (AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, Layer, Linear,
                       MaxPool2d, ReLU, Sequential, make_conv2d)
 
@@ -217,7 +217,7 @@ def init_weights(model: Layer, scheme: str = "kaiming") -> None:
     """
     if scheme not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {scheme!r}")
-    rng = backend.get_rng()
+    rng = random_stream.get_rng()
     for _, m in model.modules():
         if isinstance(m, (Conv2d, Linear)):
             W = m.params["weight"]

@@ -8,7 +8,7 @@ and nothing in the file can run code):
     model/<name>      the model's state_dict: weights and buffers, torch-style dotted names
     optim/<name>      optimizer.state_dict(): flat {str: ndarray}
     sched/<name>      scheduler.state_dict(): flat {str: ndarray} (absent without a schedule)
-    rng               0-d str, JSON of backend.rng_state() (the shared CPU generator)
+    rng               0-d str, JSON of random_stream.rng_state() (the shared CPU generator)
     layer_rngs        0-d str, JSON {module name: state} for layers with their own generator
     config            0-d str, JSON of model.config (how to rebuild the model; "null" if none)
     history           0-d str, JSON list of per-epoch dicts
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import backend
+from .. import backend, random_stream
 from ..layers.base import state_dict_mismatch
 from .files import atomic_write
 
@@ -85,7 +85,7 @@ def checkpoint_arrays(model, optimizer=None, scheduler=None, epoch=0, global_ste
     if scheduler is not None:
         for name, a in scheduler.state_dict().items():
             arrays[f"sched/{name}"] = np.asarray(backend.to_numpy(a))
-    arrays["rng"] = _json_array(backend.rng_state())
+    arrays["rng"] = _json_array(random_stream.rng_state())
     arrays["layer_rngs"] = _json_array(_layer_rngs(model))
     arrays["config"] = _json_array(getattr(model, "config", None))
     arrays["history"] = _json_array(history or [])
@@ -242,7 +242,7 @@ def restore(ckpt: dict, model, optimizer=None, scheduler=None, restore_rng=False
 
 def restore_rng_state(ckpt: dict, model=None) -> None:
     """Put the shared generator (and layers' own ones) back where the checkpoint left them."""
-    backend.set_rng_state(ckpt["rng"])
+    random_stream.set_rng_state(ckpt["rng"])
     if model is not None:
         for name, m in model.modules():
             state = ckpt["layer_rngs"].get(name)
