@@ -88,8 +88,8 @@ def nccl_module():
     """CuPy's NCCL bindings (cupy.cuda.nccl), for data-parallel training on GPUs (minivgg.distributed)."""
     cupy = backend.cupy
     if cupy is None:
-        raise RuntimeError("NCCL needs CuPy, which could not be imported; install minivgg's GPU extra "
-                           "(see docs/GPU.md)")
+        raise RuntimeError("NCCL needs CuPy, which could not be imported; install minivgg's GPU extra, "
+                           "pip install 'minivgg[cuda12]' or 'minivgg[cuda13]'")
     import importlib
     try:   # cupy.cuda.nccl, of whichever module `cupy` is here (the real one, or the test stand-in)
         nccl = importlib.import_module(f"{cupy.__name__}.cuda.nccl")
