@@ -192,3 +192,16 @@ def test_copy_and_ascontiguousarray_give_c_order(cp):
         assert r.flags.c_contiguous
     b = cp.ascontiguousarray(a.transpose(1, 2, 3, 0))        # already C-contiguous: the same array
     assert b.strides == a.transpose(1, 2, 3, 0).strides
+
+
+# -- device memory ----------------------------------------------------------------------------------
+def test_mem_info_is_free_and_total_bytes_and_the_pool_takes_from_free(cp, monkeypatch):
+    """Device.mem_info is (free, total) as cudaMemGetInfo reports them (cupy/cuda/device.pyx):
+    memory the pool holds is not free. The stand-in's device has $MINIVGG_FAKECUPY_MEMORY_MB."""
+    monkeypatch.setenv("MINIVGG_FAKECUPY_MEMORY_MB", "1024")
+    pool = cp.get_default_memory_pool()
+    free, total = cp.cuda.Device().mem_info
+    assert total == 2**30 == cp.cuda.runtime.getDeviceProperties(0)["totalGlobalMem"]
+    assert (free, total) == cp.cuda.runtime.memGetInfo() == (total - pool.total_bytes(), total)
+    a = cp.empty((2**20,), np.float32)   # 4 MiB
+    assert cp.cuda.Device(0).mem_info == (total - pool.total_bytes(), total) and pool.total_bytes() >= a.nbytes

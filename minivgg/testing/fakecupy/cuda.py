@@ -1,4 +1,5 @@
-"""cupy.cuda for the stand-in: one (or $MINIVGG_FAKECUPY_DEVICES) device, streams, the memory pool."""
+"""cupy.cuda for the stand-in: one (or $MINIVGG_FAKECUPY_DEVICES) device of 16 GiB (or
+$MINIVGG_FAKECUPY_MEMORY_MB), streams, the memory pool."""
 from __future__ import annotations
 
 import os
@@ -20,6 +21,13 @@ class _Runtime:
         return int(os.environ.get("MINIVGG_FAKECUPY_DEVICES", "1"))
 
     @staticmethod
+    def memGetInfo() -> tuple:
+        """(free, total) bytes of the current device, as cudaMemGetInfo: what CuPy's memory pool
+        holds, in use or cached for reuse, is not free to the driver."""
+        total = int(float(os.environ.get("MINIVGG_FAKECUPY_MEMORY_MB", "16384")) * 2**20)
+        return max(0, total - _pool.total_bytes()), total
+
+    @staticmethod
     def deviceSynchronize() -> None:
         _state.stats["sync"] += 1
 
@@ -34,7 +42,8 @@ class _Runtime:
     @staticmethod
     def getDeviceProperties(device: int) -> dict:
         Device(device)   # range check
-        return {"name": b"fakecupy (CPU stand-in, not a GPU)", "totalGlobalMem": 0, "major": 0, "minor": 0,
+        return {"name": b"fakecupy (CPU stand-in, not a GPU)", "totalGlobalMem": runtime.memGetInfo()[1],
+                "major": 0, "minor": 0,
                 "multiProcessorCount": 0}
 
 
@@ -60,6 +69,12 @@ class Device:
     @property
     def compute_capability(self) -> str:
         return "90"
+
+    @property
+    def mem_info(self) -> tuple:
+        """(free, total) bytes of this device (cupy/cuda/device.pyx: runtime.memGetInfo() with this
+        device current; the stand-in's devices are alike)."""
+        return runtime.memGetInfo()
 
     def __enter__(self):
         self._prev = _current[0]
