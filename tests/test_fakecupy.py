@@ -205,3 +205,21 @@ def test_mem_info_is_free_and_total_bytes_and_the_pool_takes_from_free(cp, monke
     assert (free, total) == cp.cuda.runtime.memGetInfo() == (total - pool.total_bytes(), total)
     a = cp.empty((2**20,), np.float32)   # 4 MiB
     assert cp.cuda.Device(0).mem_info == (total - pool.total_bytes(), total) and pool.total_bytes() >= a.nbytes
+
+
+def test_the_stand_ins_imports_run_downhill():
+    """_state -> _device -> _ndarray -> _host_cuda -> cuda -> the package: each module imports only
+    those before it, at the top of the file (no import inside a function closes a loop). Read
+    from the source, since importing the package loads them all."""
+    import ast
+    from pathlib import Path
+
+    import minivgg.testing.fakecupy as package
+    order = ["_state", "_device", "_ndarray", "_host_cuda", "cuda", "__init__"]
+    here = Path(package.__file__).parent
+    assert sorted(p.stem for p in here.glob("*.py")) == sorted(order)
+    for i, name in enumerate(order):
+        tree = ast.parse((here / f"{name}.py").read_text())
+        local = [(n.module or "").split(".")[0] or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                 and n.level == 1 for a in n.names]
+        assert set(local) <= set(order[:i]), (name, local)

@@ -17,10 +17,10 @@ import weakref
 import numpy as np
 
 from . import _state
+from ._device import Device
 
 IMPLICIT = ("Implicit conversion to a NumPy array is not allowed. "
             "Please use `.get()` to construct a NumPy array explicitly.")
-_live_bytes = [0]   # the memory pool's used_bytes()
 
 
 def unsupported(v) -> TypeError:
@@ -233,7 +233,6 @@ class ndarray:
 
     @property
     def device(self):
-        from .cuda import Device
         return Device(0)
 
     def __len__(self):
@@ -298,9 +297,9 @@ def _track(a: np.ndarray) -> None:
     if id(a) in _tracked:
         return
     _tracked[id(a)] = a.nbytes
-    _live_bytes[0] += a.nbytes
+    _state.live_bytes[0] += a.nbytes
     weakref.finalize(a, _release, id(a))
 
 
 def _release(key: int) -> None:
-    _live_bytes[0] -= _tracked.pop(key, 0)
+    _state.live_bytes[0] -= _tracked.pop(key, 0)
