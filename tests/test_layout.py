@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from minivgg import backend
-from minivgg.layers import BatchNorm2d, Conv2d, Dropout, MaxPool2d, ReLU, TunedConv2d
+from minivgg.layers import BatchNorm2d, Conv2d, MaxPool2d, ReLU, TunedConv2d
+from minivgg.layers.activation import Dropout
 from minivgg.layers.sync_norm import SyncBatchNorm2d
 from minivgg.models import VGG
 
