@@ -25,8 +25,7 @@ class ReLU(Layer):
         x = self.saved()
         self.check_dout(dout, x.shape, like=x)
         xp = backend.get_array_module(x)
-        slope = xp.greater(x, 0, out=backend.out_like(x, bool))        # x > 0
-        return xp.multiply(dout, slope, out=backend.out_like(dout))    # dout * (x > 0), a new array
+        return xp.multiply(dout, x > 0, out=backend.out_like(dout))    # dout * (x > 0), a new array
 
 
 class Dropout(Layer):
