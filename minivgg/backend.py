@@ -31,12 +31,17 @@ _INSTALL_HINT = ("install CuPy with the extra that matches your CUDA toolkit: "
 
 def gpu_available() -> bool:
     """True when CuPy imports and sees at least one CUDA device."""
+    return gpu_count() > 0
+
+
+def gpu_count() -> int:
+    """How many CUDA devices this process sees (after CUDA_VISIBLE_DEVICES); 0 without CuPy or a driver."""
     if cupy is None:
-        return False
+        return 0
     try:
-        return cupy.cuda.runtime.getDeviceCount() > 0
+        return int(cupy.cuda.runtime.getDeviceCount())
     except Exception:
-        return False
+        return 0
 
 
 def parse_device(device: str) -> tuple[str, int]:
@@ -104,6 +109,23 @@ def get_array_module(*arrays):
         raise TypeError(f"arrays from different devices in one call ({names}): "
                         "move them to one device first with minivgg.backend.to_device")
     return cupy if kinds == {True} else np
+
+
+def device_memory(x) -> tuple[int, int]:
+    """(free, total) bytes of the GPU that holds x, as cupy.cuda.Device.mem_info reports them."""
+    return tuple(int(b) for b in x.device.mem_info)
+
+
+def out_like(x, dtype=None):
+    """`out=` for an elementwise op whose result should be laid out in memory as x is.
+
+    Inside a network feature maps are CHWN in memory (kernels/cpu.py). NumPy's ufuncs lay their
+    result out as their input (order 'K'), so on the CPU this is None, NumPy's own default, and
+    nothing changes. CuPy's allocate C order whatever the input's strides, so on the GPU it is an
+    empty array laid out as x (cupy.empty_like keeps the strides, order 'K'): without it the next
+    convolution would copy its input back to CHWN, and its backward dout.
+    """
+    return cupy.empty_like(x, dtype=dtype) if is_gpu_array(x) else None
 
 
 def to_device(x, device: str = "cpu"):

@@ -144,7 +144,7 @@ class Distributed:
 
     rank, world          this process's number and how many there are (MPI_COMM_WORLD)
     local_rank           its number among the processes on the same machine: it picks the GPU
-    device               'cpu', or 'gpu:<local_rank>' when asked for a GPU
+    device               'cpu', or 'gpu:<local_rank % GPUs this rank sees>' when asked for a GPU
     engine               MPIEngine (CPU) or NCCLEngine (GPU): allreduce_sum_ / broadcast_ on buffers
     bucket_mb            the size of one gradient bucket (the last one may be smaller)
     """
@@ -162,7 +162,13 @@ class Distributed:
         self.bucket_mb = float(bucket_mb)
         kind, _ = backend.parse_device(device)
         if kind == "gpu":
-            self.device = f"gpu:{self.local_rank}"
+            # One GPU per rank. Where every rank sees all its machine's GPUs, local rank i takes GPU i.
+            # Where the launcher hands each rank its own (a per-rank CUDA_VISIBLE_DEVICES, srun
+            # --gpus-per-task=1), a rank sees only those, numbered from 0, and local_rank % count
+            # picks among them (gpu:0 for one each). With fewer GPUs than ranks and all of them
+            # visible to every rank, two ranks would share one; NCCL refuses that at start-up.
+            count = backend.gpu_count()
+            self.device = f"gpu:{self.local_rank % count if count else self.local_rank}"
             try:
                 backend.get_xp(self.device)   # makes it current; fails clearly without CuPy or that GPU
             except RuntimeError as e:
@@ -220,8 +226,9 @@ class Distributed:
                 a[...] = buf if not backend.is_gpu_array(a) else backend.to_device(buf, backend.device_of(a))
 
     # -- 3. gradients --------------------------------------------------------------------------
-    def allreduce_gradients(self, model, n_local: int) -> int:
-        """Replace every trainable gradient by the weighted mean over the ranks; return the global count.
+    def allreduce_gradients(self, model, n_local: int):
+        """Replace every trainable gradient by the weighted mean over the ranks; return the global
+        count (a 0-d array on the gradients' device, not read back).
 
         Each rank's gradient is of its shard's mean loss, so the global batch's gradient is
         sum_r n_r g_r / sum_r n_r. The counts n_r travel in the first bucket's spare slot, so the
@@ -324,7 +331,9 @@ class GradientBuckets:
     def sizes_mb(self) -> list[float]:
         return [b.nbytes / 2**20 for b in self.buffers]
 
-    def allreduce(self, model, engine, n_local: int) -> int:
+    def allreduce(self, model, engine, n_local: int):
+        """Returns the global count sum_r n_r, a 0-d array on the gradients' device (reading it
+        would cost a device-to-host copy: the training step reads nothing here)."""
         n = self.dtype.type(n_local)
         for (items, size), buf in zip(self.layout, self.buffers):
             for name, m, k, shape, off in items:        # pack: n_r * g_r, flat
@@ -336,13 +345,13 @@ class GradientBuckets:
         self.buffers[0][-1] = n
         for buf in self.buffers:                         # the communication: len(buckets) messages
             engine.allreduce_sum_(buf)
-        total = float(self.buffers[0][-1])               # sum_r n_r (exact: a small integer)
-        inv = self.dtype.type(1.0 / total)
+        total = self.buffers[0][-1:]                     # sum_r n_r, left on the device: no read
+        inv = (1.0 / total.astype(np.float64)).astype(self.dtype)   # (1,) 1 / sum_r n_r
         for (items, size), buf in zip(self.layout, self.buffers):
             buf[:size] *= inv                            # unpack: views, no copy
             for name, m, k, shape, off in items:
                 m.grads[k] = buf[off:off + int(np.prod(shape, dtype=np.int64))].reshape(shape)
-        return int(round(total))
+        return total.reshape(()).copy()                  # 0-d; the bucket is rewritten next step
 
 
 def find_mpirun() -> str | None:

@@ -563,3 +563,41 @@ def test_without_mpi4py_the_error_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "mpi4py", None)   # import mpi4py -> ImportError
     with pytest.raises(RuntimeError, match=r"needs mpi4py and an MPI library .*pip install -e '\.\[mpi\]'"):
         distributed.init("cpu")
+
+
+class _Node:
+    """MPI_COMM_WORLD of a job as one rank sees it: its rank, the world, and its machine's share."""
+
+    def __init__(self, rank, world, local_rank, local_world):
+        self.rank, self.world, self.local = rank, world, (local_rank, local_world)
+
+    def Get_rank(self):   # noqa: N802 (mpi4py's names)
+        return self.rank
+
+    def Get_size(self):   # noqa: N802
+        return self.world
+
+    def Split_type(self, kind, key=0):   # noqa: N802
+        return _Node(*self.local, *self.local)
+
+    def Free(self):   # noqa: N802
+        pass
+
+
+@pytest.mark.skipif(not getattr(backend.cupy, "is_fake", False), reason="sets the CuPy stand-in's device count")
+@pytest.mark.parametrize("visible, local_rank, want", [(1, 0, "gpu:0"), (1, 3, "gpu:0"), (4, 3, "gpu:3"),
+                                                       (2, 3, "gpu:1")],
+                         ids=["own-gpu-rank0", "own-gpu-rank3", "all-gpus", "two-each"])
+def test_each_rank_takes_a_gpu_it_can_see(monkeypatch, visible, local_rank, want):
+    """4 ranks on a machine with 4 GPUs: each sees all 4 (local rank i takes GPU i), or only its
+    own (a per-rank CUDA_VISIBLE_DEVICES, srun --gpus-per-task=1: GPU 0 of the one it sees), or
+    its own pair (--gpus-per-task=2: local_rank % 2)."""
+    from minivgg import distributed
+    monkeypatch.setenv("MINIVGG_FAKECUPY_DEVICES", str(visible))   # what the stand-in's getDeviceCount says
+    monkeypatch.setattr(distributed, "import_mpi", lambda: type("MPI", (), {"COMM_TYPE_SHARED": 1}))
+    monkeypatch.setattr(distributed, "NCCLEngine", lambda comm, rank, world: type("Engine", (), {"name": "nccl"})())
+    try:
+        d = distributed.Distributed("gpu", comm=_Node(4 + local_rank, 8, local_rank, 4))
+        assert d.device == want and backend.cupy.cuda.Device().id == int(want[4:])
+    finally:
+        backend.cupy.cuda.Device(0).use()

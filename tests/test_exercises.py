@@ -64,17 +64,17 @@ def test_exercise_follows_the_textbook_source():
     """A change to a layer's docstring or forward reaches the exercise; its backward does not."""
     ex = BY_NAME["relu"]
     source, package = shipped_source(ex)
-    assert "return dout * (x > 0)" in source
+    assert "return xp.multiply(dout, x > 0, out=backend.out_like(dout))" in source
     changed = source.replace("out = max(x, 0).", "out = max(x, 0), changed in the docstring.")
     changed = changed.replace("self.cache = x\n", "self.cache = x  # changed in forward\n", 1)
     assert changed.count("changed in") == 2
     text = exercise_source(changed, ex, package)
     assert "changed in the docstring" in text and "self.cache = x  # changed in forward" in text
-    assert "return dout * (x > 0)" not in text and f'NotImplementedError("{GAP}' in text
+    assert "return xp.multiply(dout, x > 0, out=backend.out_like(dout))" not in text and f'NotImplementedError("{GAP}' in text
     assert "class Dropout" not in text           # one class per exercise file
     assert "from minivgg.layers.base import Layer" in text   # relative imports made absolute
     solved_text = exercise_source(changed, ex, package, solved=True)
-    assert "return dout * (x > 0)" in solved_text
+    assert "return xp.multiply(dout, x > 0, out=backend.out_like(dout))" in solved_text
 
 
 def test_a_kernel_that_is_the_answer_is_withheld():

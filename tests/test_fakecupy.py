@@ -138,3 +138,88 @@ def test_asking_for_the_gpu_says_it_is_the_stand_in(monkeypatch):
     monkeypatch.setattr(backend, "_told_fake", False)
     with pytest.warns(UserWarning, match="the GPU backend is the CuPy stand-in"):
         backend.get_xp("gpu")
+
+
+# -- memory layout, as CuPy allocates it ------------------------------------------------------------
+def chwn(cp, shape=(3, 4, 5, 6)):
+    """An (N, C, H, W) device array with CHWN memory (a transposed view), as minivgg's feature maps."""
+    N, C, H, W = shape
+    a = cp.asarray(np.random.default_rng(0).standard_normal((C, H, W, N)))
+    return a.transpose(3, 0, 1, 2)
+
+
+@pytest.mark.parametrize("compute", [
+    lambda cp, a: a + 1, lambda cp, a: a * a, lambda cp, a: np.float64(2) * a, lambda cp, a: -a,
+    lambda cp, a: abs(a), lambda cp, a: a > 0, lambda cp, a: a @ a.transpose(0, 1, 3, 2),
+    lambda cp, a: cp.maximum(a, 0), lambda cp, a: cp.exp(a), lambda cp, a: cp.multiply(a, a > 0),
+    lambda cp, a: cp.where(a > 0, a, 0), lambda cp, a: a.clip(0, 1), lambda cp, a: cp.clip(a, 0, 1),
+    lambda cp, a: a.sum(axis=1), lambda cp, a: cp.sum(a, axis=1), lambda cp, a: a.max(axis=1),
+    lambda cp, a: cp.concatenate([a, a], axis=1), lambda cp, a: cp.stack([a, a])],
+    ids=["add", "mul", "rmul-scalar", "neg", "abs", "compare", "matmul", "maximum", "exp", "multiply",
+         "where", "clip-method", "clip", "sum-method", "sum", "max-method", "concatenate", "stack"])
+def test_computed_results_are_c_contiguous_whatever_the_input_layout(cp, compute):
+    """CuPy allocates what a ufunc, elementwise kernel, reduction or concatenate returns in C
+    order (cupy/_core/_kernel.pyx _get_out_args_from_optionals); NumPy would keep CHWN."""
+    a = chwn(cp)
+    r = compute(cp, a)
+    assert r.flags.c_contiguous, r.strides
+
+
+def test_out_is_written_as_it_is_laid_out(cp):
+    a = chwn(cp)
+    out = cp.empty_like(a)
+    assert cp.maximum(a, 0, out=out) is out and out.strides == a.strides
+    np.testing.assert_array_equal(cp.asnumpy(out), np.maximum(cp.asnumpy(a), 0))
+    a += 1                                                  # in place: the memory stays where it is
+    assert a.strides == out.strides
+
+
+@pytest.mark.parametrize("make", [lambda cp, a: cp.empty_like(a), lambda cp, a: cp.zeros_like(a),
+                                  lambda cp, a: cp.ones_like(a), lambda cp, a: a.astype(np.float32),
+                                  lambda cp, a: a.transpose(0, 1, 2, 3), lambda cp, a: a[:, 1:]],
+                         ids=["empty_like", "zeros_like", "ones_like", "astype", "transpose", "slice"])
+def test_like_creation_astype_and_views_keep_the_layout(cp, make):
+    """order='K' (cupy/_creation/basic.py _new_like_order_and_strides, core.pyx _astype) and views:
+    the same memory order as the input, as in NumPy."""
+    a = chwn(cp)
+    r = make(cp, a)
+    assert np.argsort(r.strides).tolist() == np.argsort(a.strides).tolist() and not r.flags.c_contiguous
+
+
+def test_copy_and_ascontiguousarray_give_c_order(cp):
+    a = chwn(cp)
+    for r in (a.copy(), cp.ascontiguousarray(a)):
+        assert r.flags.c_contiguous
+    b = cp.ascontiguousarray(a.transpose(1, 2, 3, 0))        # already C-contiguous: the same array
+    assert b.strides == a.transpose(1, 2, 3, 0).strides
+
+
+# -- device memory ----------------------------------------------------------------------------------
+def test_mem_info_is_free_and_total_bytes_and_the_pool_takes_from_free(cp, monkeypatch):
+    """Device.mem_info is (free, total) as cudaMemGetInfo reports them (cupy/cuda/device.pyx):
+    memory the pool holds is not free. The stand-in's device has $MINIVGG_FAKECUPY_MEMORY_MB."""
+    monkeypatch.setenv("MINIVGG_FAKECUPY_MEMORY_MB", "1024")
+    pool = cp.get_default_memory_pool()
+    free, total = cp.cuda.Device().mem_info
+    assert total == 2**30 == cp.cuda.runtime.getDeviceProperties(0)["totalGlobalMem"]
+    assert (free, total) == cp.cuda.runtime.memGetInfo() == (total - pool.total_bytes(), total)
+    a = cp.empty((2**20,), np.float32)   # 4 MiB
+    assert cp.cuda.Device(0).mem_info == (total - pool.total_bytes(), total) and pool.total_bytes() >= a.nbytes
+
+
+def test_the_stand_ins_imports_run_downhill():
+    """_state -> _device -> _ndarray -> _host_cuda -> cuda -> the package: each module imports only
+    those before it, at the top of the file (no import inside a function closes a loop). Read
+    from the source, since importing the package loads them all."""
+    import ast
+    from pathlib import Path
+
+    import minivgg.testing.fakecupy as package
+    order = ["_state", "_device", "_ndarray", "_host_cuda", "cuda", "__init__"]
+    here = Path(package.__file__).parent
+    assert sorted(p.stem for p in here.glob("*.py")) == sorted(order)
+    for i, name in enumerate(order):
+        tree = ast.parse((here / f"{name}.py").read_text())
+        local = [(n.module or "").split(".")[0] or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                 and n.level == 1 for a in n.names]
+        assert set(local) <= set(order[:i]), (name, local)

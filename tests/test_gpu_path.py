@@ -127,3 +127,33 @@ def test_gpu_resume_needs_the_saved_device_stream(tmp_path, monkeypatch):
     resumed = run(tmp_path / "part", resume=tmp_path / "part" / "last.npz")
     assert any(not np.array_equal(backend.to_numpy(a), backend.to_numpy(b))
                for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_one_copy_back_per_data_parallel_step_with_sync_batchnorm(tmp_path):
+    """Data parallel on the GPU: SyncBatchNorm2d's statistics and the gradient buckets' global
+    count stay on the device (no read per BatchNorm layer, none per step in the all-reduce):
+    the step's one packed read is still the only one. One rank, whose all-reduce is the identity."""
+    from minivgg.distributed import Distributed
+    from minivgg.layers.sync_norm import convert_sync_batchnorm
+
+    class OneRank:   # the sum over one rank, on the device (as NCCL would do it)
+        name = "nccl"
+
+        def allreduce_sum_(self, buf):
+            return buf
+
+    dist = Distributed.__new__(Distributed)   # no MPI job: the pieces a training step uses
+    dist.rank, dist.world, dist.device, dist.bucket_mb, dist._buckets = 0, 1, "gpu", 0.01, None
+    dist.engine = OneRank()
+    images, labels = data()
+    train = loader(images, labels, "gpu")
+    model = tiny_model()
+    assert convert_sync_batchnorm(model, dist.engine) == 8
+    trainer = Trainer(model, Adam(model, lr=1e-3), train, out_dir=tmp_path, device="gpu", progress=False,
+                      plots=False, checkpoints=False, clip_norm=1.0, distributed=dist)
+    with backend.cupy.counting() as c:
+        trainer.train_epoch(0, 1)
+    steps = len(train)
+    assert trainer.global_step == steps == 4 and len(dist._buckets.buffers) > 1
+    assert c["d2h"] == steps, c          # the packed (loss, correct, norm) read, nothing else
+    assert c["sync"] == 0, c

@@ -7,6 +7,8 @@ import pytest
 
 from minivgg import backend, random_stream
 from minivgg.layers import BatchNorm2d, Conv2d, MaxPool2d, ReLU, TunedConv2d
+from minivgg.layers.activation import Dropout
+from minivgg.layers.sync_norm import SyncBatchNorm2d
 from minivgg.models import VGG
 
 DEVICES = ["cpu"] + (["gpu"] if backend.cupy is not None else [])
@@ -24,6 +26,11 @@ def is_chwn(a) -> bool:
     return a.strides == (item, H * W * N * item, W * N * item, N * item)
 
 
+def in_chwn_order(a) -> bool:
+    """CHWN memory order, compact or not (a max-pool's padded dx is a slice of a larger CHWN array)."""
+    return np.argsort(a.strides, kind="stable").tolist() == [0, 3, 2, 1]
+
+
 def test_a_convolution_hands_on_chwn_memory_without_copying():
     x = np.random.default_rng(0).standard_normal((4, 3, 8, 8), dtype=np.float32)
     conv = Conv2d(3, 5, 3, padding=1)
@@ -32,17 +39,48 @@ def test_a_convolution_hands_on_chwn_memory_without_copying():
     assert not is_chwn(np.ascontiguousarray(out))       # the check can tell the two apart
 
 
-def test_the_layout_survives_a_vgg_feature_stack():
-    """Every conv after the first gets CHWN memory: ReLU, BatchNorm and max-pool keep it."""
-    model = VGG("vgg11_bn", num_classes=10, in_channels=1, width_ratio=16, pool_size=1, hidden=(16, 16))
-    seen = []
+def test_the_layout_survives_a_vgg_feature_stack(device):
+    """Every conv after the first gets CHWN memory, forward and backward: ReLU, BatchNorm and
+    max-pool keep it, on NumPy (whose ufuncs keep their input's order) and on CuPy (whose ufuncs
+    allocate C order unless given out=; the stand-in does as CuPy does)."""
+    model = VGG("vgg11_bn", num_classes=10, in_channels=1, width_ratio=16, pool_size=1, hidden=(16, 16)).to(device)
+    seen, seen_dout = [], []
     for layer in model.features:
         if isinstance(layer, Conv2d):
-            original = layer.forward
-            layer.forward = lambda x, f=original: (seen.append(x), f(x))[1]
-    x = np.random.default_rng(0).standard_normal((2, 1, 32, 32), dtype=np.float32)
-    model.forward(x)
-    assert len(seen) == 8 and not is_chwn(seen[0]) and all(is_chwn(a) for a in seen[1:])
+            forward, backward = layer.forward, layer.backward
+            layer.forward = lambda x, f=forward: (seen.append(x), f(x))[1]
+            layer.backward = lambda d, b=backward: (seen_dout.append(d), b(d))[1]
+    x = backend.to_device(np.random.default_rng(0).standard_normal((2, 1, 32, 32), dtype=np.float32), device)
+    logits = model.forward(x)
+    model.backward(backend.to_device(np.ones(logits.shape, np.float32), device))
+    assert len(seen) == 8 and not is_chwn(seen[0]) and [is_chwn(a) for a in seen[1:]] == [True] * 7
+    # backward order; the last conv's dout comes from the head through the last max-pool, and NumPy's
+    # max-pool backward lays its dx out as its dout, which the head made NCHW (the network's edge)
+    assert len(seen_dout) == 8 and [is_chwn(d) for d in seen_dout[1:]] == [True] * 7
+
+
+class OneRank:
+    """A one-rank all-reduce (the sum over one rank is the buffer itself)."""
+
+    def allreduce_sum_(self, buf):
+        return buf
+
+
+@pytest.mark.parametrize("make", [ReLU, lambda: BatchNorm2d(4), lambda: BatchNorm2d(4).eval(),
+                                  lambda: SyncBatchNorm2d(4, OneRank()), lambda: Dropout(0.5, seed=0),
+                                  lambda: MaxPool2d(2), lambda: MaxPool2d(3, stride=2, padding=1)],
+                         ids=["relu", "bn", "bn-eval", "sync-bn", "dropout", "pool2", "pool3s2p1"])
+def test_each_layer_hands_on_chwn_memory_forward_and_backward(device, make):
+    """A CHWN input gives a CHWN output, and a CHWN dout a CHWN dx, on NumPy and on CuPy (where an
+    elementwise op allocates C order unless given out=; the stand-in allocates as CuPy does)."""
+    layer = make().to(device)
+    x = chwn(backend.to_device(np.random.default_rng(4).standard_normal((3, 4, 6, 6), dtype=np.float32), device))
+    out = layer.forward(x)
+    dout = chwn(backend.to_device(np.random.default_rng(5).standard_normal(out.shape, dtype=np.float32), device))
+    dx = layer.backward(dout)
+    if isinstance(layer, Dropout) and device == "cpu":
+        return   # NumPy lays x * mask out as the mask, C order (the CPU path is left as it is)
+    assert in_chwn_order(out) and in_chwn_order(dx), (out.strides, dx.strides)
 
 
 @pytest.mark.parametrize("device", DEVICES)

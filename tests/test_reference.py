@@ -33,7 +33,7 @@ def tiny_workspace():
     try:
         yield
     finally:
-        kernels.set_workspace_limit(old / 2**20)
+        kernels.set_workspace_limit(None)         # back to the defaults (or $MINIVGG_WORKSPACE_MB)
         assert kernels.get_workspace_limit() == old
 
 
@@ -141,6 +141,35 @@ def test_conv2d_equals_loop_reference(device, rng, engine, dtype, case):
         assert a.dtype == dtype, f"{name} came back as {a.dtype}"
         assert a.shape == b.shape, name
         assert rel(a, b) < RTOL[dtype], f"{name}: relative error {rel(a, b):.2e}"
+
+
+def test_the_default_workspace_follows_the_device(device, monkeypatch):
+    """256 MB on the CPU; on a GPU 1/16 of the device's total memory (at least 256 MB): VGG-16's
+    second layer at 224x224, batch 128 (115.6 MB of columns an image) runs in 3 chunks on an
+    80 GiB GPU, not 64 of 2 images. set_workspace_limit, or $MINIVGG_WORKSPACE_MB, holds on both."""
+    monkeypatch.delenv("MINIVGG_WORKSPACE_MB", raising=False)
+    monkeypatch.setenv("MINIVGG_FAKECUPY_MEMORY_MB", str(80 * 1024))   # the stand-in's device: 80 GiB
+    monkeypatch.setattr(kernels, "_gpu_defaults", {})
+    kernels.set_workspace_limit(None)
+    x = backend.to_device(np.zeros((1, 64, 2, 2), np.float32), device)
+    per_image = 64 * 9 * 224 * 224 * 4
+    try:
+        if device == "cpu":
+            assert kernels.get_workspace_limit(x) == 256 * 2**20 == kernels.get_workspace_limit()
+            assert len(batch_chunks(128, per_image, like=x)) == 64
+        else:
+            total = backend.device_memory(x)[1]
+            assert kernels.get_workspace_limit(x) == max(256 * 2**20, total // 16) == kernels.gpu_workspace_default(total)
+            if getattr(backend.cupy, "is_fake", False):
+                assert total == 80 * 2**30 and len(batch_chunks(128, per_image, like=x)) == 3
+        kernels.set_workspace_limit(512)
+        assert kernels.get_workspace_limit(x) == 512 * 2**20 and len(batch_chunks(128, per_image, like=x)) == 32
+        monkeypatch.setenv("MINIVGG_WORKSPACE_MB", "1024")
+        kernels.set_workspace_limit(None)
+        assert kernels.get_workspace_limit(x) == 2**30
+    finally:
+        monkeypatch.undo()
+        kernels.set_workspace_limit(None)
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=CONV_IDS)

@@ -2,44 +2,74 @@
 
 Layers call ``im2col(x, ...)``; which implementation runs depends only on
 where ``x`` lives. Also holds the im2col workspace limit that bounds the
-scratch memory of a convolution (see ``set_workspace_limit``).
+scratch memory of a convolution (see ``get_workspace_limit``).
 """
 from __future__ import annotations
 
 import os
 
-from ..backend import is_gpu_array
+from ..backend import device_memory, is_gpu_array
 from .cpu import (col2im_cpu, col2im_naive, im2col_cpu, im2col_naive, maxpool_backward_cpu, maxpool_forward_cpu,
                   out_size, pad_input)
 from .threads import get_num_threads, set_num_threads
 
 __all__ = ["im2col", "col2im", "im2col_naive", "col2im_naive", "maxpool_forward", "maxpool_backward", "out_size", "pad_input",
-           "set_workspace_limit", "get_workspace_limit", "batch_chunks", "set_num_threads", "get_num_threads"]
+           "set_workspace_limit", "get_workspace_limit", "gpu_workspace_default", "batch_chunks", "set_num_threads", "get_num_threads"]
 
 # Scratch budget of one convolution's columns, in bytes. im2col makes an array
 # KH*KW times the input's size; the batch is cut into chunks that fit.
-_workspace_limit = int(float(os.environ.get("MINIVGG_WORKSPACE_MB", "256")) * 2**20)
+CPU_WORKSPACE_MB = 256.0
+GPU_WORKSPACE_FRACTION = 1 / 16   # of the device's total memory
+_workspace_limit = None           # bytes; None: each device's default
+_gpu_defaults: dict = {}          # device id -> bytes, read from the device once
 
 
-def set_workspace_limit(megabytes: float) -> None:
-    """Cap the im2col scratch memory of one convolution (default 256 MB, or
-    $MINIVGG_WORKSPACE_MB). A single sample always gets through, even if its
-    columns alone exceed the cap."""
+def set_workspace_limit(megabytes) -> None:
+    """Cap the im2col scratch memory of one convolution, on every device; None: back to
+    $MINIVGG_WORKSPACE_MB if set, else each device's default (see get_workspace_limit). A
+    single sample always gets through, even if its columns alone exceed the cap."""
     global _workspace_limit
+    if megabytes is None:
+        env = os.environ.get("MINIVGG_WORKSPACE_MB")
+        _workspace_limit = None if env is None else int(float(env) * 2**20)
+        return
     if megabytes <= 0:
         raise ValueError(f"workspace limit must be positive, got {megabytes} MB")
     _workspace_limit = int(megabytes * 2**20)
 
 
-def get_workspace_limit() -> int:
-    """The current cap, in bytes."""
-    return _workspace_limit
+def get_workspace_limit(like=None) -> int:
+    """The cap, in bytes, for a convolution on like's device (the CPU when None).
+
+    set_workspace_limit(mb) or $MINIVGG_WORKSPACE_MB, when given, holds on every device.
+    Otherwise the CPU's is 256 MB (columns that stay in its caches matter more than large
+    GEMMs), and a GPU's is 1/16 of its total memory, at least 256 MB (gpu_workspace_default):
+    at 256 MB, VGG-16 at 224x224 with batch 128 would run its second layer in 2-image chunks,
+    64 small GEMMs and columns rebuilt in backward. Total, not free, memory: what CuPy's pool
+    holds changes the free figure from run to run, and with it the chunking and the rounding.
+    """
+    if _workspace_limit is not None:
+        return _workspace_limit
+    if like is not None and is_gpu_array(like):
+        device = like.device.id
+        if device not in _gpu_defaults:
+            _gpu_defaults[device] = gpu_workspace_default(device_memory(like)[1])
+        return _gpu_defaults[device]
+    return int(CPU_WORKSPACE_MB * 2**20)
 
 
-def batch_chunks(N: int, bytes_per_sample: int):
-    """Split range(N) into consecutive slices whose columns fit the workspace."""
-    per_chunk = max(1, min(N, _workspace_limit // max(1, bytes_per_sample)))
+def gpu_workspace_default(total_bytes: int) -> int:
+    """A GPU's default cap for a device of total_bytes memory: 1/16 of it, at least the CPU's."""
+    return max(int(CPU_WORKSPACE_MB * 2**20), int(total_bytes * GPU_WORKSPACE_FRACTION))
+
+
+def batch_chunks(N: int, bytes_per_sample: int, like=None):
+    """Split range(N) into consecutive slices whose columns fit the workspace of like's device."""
+    per_chunk = max(1, min(N, get_workspace_limit(like) // max(1, bytes_per_sample)))
     return [slice(i, min(i + per_chunk, N)) for i in range(0, N, per_chunk)]
+
+
+set_workspace_limit(None)
 
 
 def _gpu():

@@ -12,18 +12,20 @@ class ReLU(Layer):
 
     Backward: the slope is 1 where x > 0 and 0 elsewhere (0 at x == 0 exactly,
     as in PyTorch):  dL/dx = dout * (x > 0).
+    (out=backend.out_like(x): the result keeps x's memory order on CuPy too, see there.)
     """
 
     def forward(self, x):
         self.check_input(x, ndim=x.ndim if hasattr(x, "ndim") else -1)
         xp = backend.get_array_module(x)
         self.cache = x
-        return xp.maximum(x, 0)                                        # same shape as x
+        return xp.maximum(x, 0, out=backend.out_like(x))               # same shape (and memory order) as x
 
     def backward(self, dout):
         x = self.saved()
         self.check_dout(dout, x.shape, like=x)
-        return dout * (x > 0)                                          # a new array; dout untouched
+        xp = backend.get_array_module(x)
+        return xp.multiply(dout, x > 0, out=backend.out_like(dout))    # dout * (x > 0), a new array
 
 
 class Dropout(Layer):
@@ -59,14 +61,15 @@ class Dropout(Layer):
         scale = 0.0 if self.p == 1.0 else 1.0 / (1.0 - self.p)
         mask = (u >= self.p).astype(x.dtype) * x.dtype.type(scale)     # same shape as x
         self.cache = (mask, x)
-        return x * mask
+        return xp.multiply(x, mask, out=backend.out_like(x))           # x * mask
 
     def backward(self, dout):
         mask, x = self.saved()
         self.check_dout(dout, x.shape, like=x)
         if mask is None:
             return dout.copy()
-        return dout * mask                                             # same shape as x
+        xp = backend.get_array_module(dout)
+        return xp.multiply(dout, mask, out=backend.out_like(dout))     # dout * mask, same shape as x
 
     def __repr__(self):
         return f"Dropout(p={self.p})"

@@ -61,7 +61,7 @@ class Conv2d(Layer):
         OH, OW = out_size(H, KH, self.stride[0], ph), out_size(W, KW, self.stride[1], pw)
         Wm = self.params["weight"].reshape(F, -1)                         # (F, C*KH*KW)
         out = backend.get_array_module(x).empty((F, OH, OW, N), dtype=x.dtype)  # (F, OH, OW, N)
-        for s in batch_chunks(N, C * KH * KW * OH * OW * x.itemsize):
+        for s in batch_chunks(N, C * KH * KW * OH * OW * x.itemsize, like=x):
             cols = im2col(x[s], KH, KW, self.stride, self.padding)        # (C*KH*KW, OH*OW*n)
             out[..., s] = (Wm @ cols).reshape(F, OH, OW, -1)              # (F, OH, OW, n)
         out = out.transpose(3, 0, 1, 2)                                   # (N, F, OH, OW) view
@@ -80,7 +80,7 @@ class Conv2d(Layer):
         Wm = self.params["weight"].reshape(F, -1)                         # (F, C*KH*KW)
         dWm = xp.zeros_like(Wm)                                           # (F, C*KH*KW)
         dx = xp.empty_like(x) if self.needs_input_grad else None          # (N, C, H, W)
-        for s in batch_chunks(N, C * KH * KW * OH * OW * x.itemsize):
+        for s in batch_chunks(N, C * KH * KW * OH * OW * x.itemsize, like=x):
             cols = im2col(x[s], KH, KW, self.stride, self.padding)        # (C*KH*KW, OH*OW*n)
             D = dout[s].transpose(1, 2, 3, 0).reshape(F, -1)              # (F, OH*OW*n)
             dWm += D @ cols.T                                             # (F, C*KH*KW)

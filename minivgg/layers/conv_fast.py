@@ -98,7 +98,7 @@ class TunedConv2d(Conv2d):
         # Columns forward kept cover the whole batch: use them as one chunk, whatever the
         # workspace limit is now. Otherwise rebuild them chunk by chunk. Never mix the two.
         chunks = [slice(0, N)] if kept_cols is not None else \
-            batch_chunks(N, (K + fold) * OH * OW * x.itemsize)
+            batch_chunks(N, (K + fold) * OH * OW * x.itemsize, like=x)
         for s in chunks:
             cols = kept_cols if kept_cols is not None else \
                 columns(x[s], KH, KW, self.stride, self.padding, ones_row=fold)  # (K [+1], OH*OW*n)
@@ -138,7 +138,7 @@ def correlate(x, Wm, KH, KW, stride, pad, keep_cols=False, spare=None, ones_row=
     F, K = Wm.shape
     OH, OW = out_size(H, KH, stride[0], pad[0]), out_size(W, KW, stride[1], pad[1])
     xp = backend.get_array_module(x)
-    chunks = batch_chunks(N, K * OH * OW * x.itemsize)
+    chunks = batch_chunks(N, K * OH * OW * x.itemsize, like=x)
     if len(chunks) == 1:
         cols = columns(x, KH, KW, stride, pad, ones_row,
                        out=reuse(spare, (K, OH * OW * N), x))             # (K, OH*OW*N)

@@ -27,6 +27,7 @@ class BatchNorm2d(Layer):
     below computes exactly these lines, and tests check the fused code against it.)
     Backward (eval): the statistics are constants, so dL/dx = dout * gamma / sqrt(running_var + eps).
     momentum=None uses a cumulative average, as PyTorch does.
+    The (N, C, H, W) results keep x's memory order on CuPy too (out=backend.out_like, see there).
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, dtype=np.float32):
@@ -49,12 +50,12 @@ class BatchNorm2d(Layer):
                 raise ValueError(f"{self!r}: training needs more than one value per channel, got "
                                  f"input shape {tuple(x.shape)}; use a batch of 2 or more, or eval()")
             mu = xp.einsum("nchw->c", x) / x.dtype.type(M)                # (C,)
-            xc = x - mu.reshape(1, C, 1, 1)                                # (N, C, H, W)
+            xc = xp.subtract(x, mu.reshape(1, C, 1, 1), out=backend.out_like(x))  # (N, C, H, W) x - mu
             var = xp.einsum("nchw,nchw->c", xc, xc) / x.dtype.type(M)      # (C,) biased
             self._update_running(mu, var, M)
         else:
             mu, var = self.buffers["running_mean"], self.buffers["running_var"]
-            xc = x - mu.reshape(1, C, 1, 1)                                # (N, C, H, W)
+            xc = xp.subtract(x, mu.reshape(1, C, 1, 1), out=backend.out_like(x))  # (N, C, H, W) x - mu
         inv_std = 1.0 / xp.sqrt(var + x.dtype.type(self.eps))              # (C,)
         # out = gamma * xhat + beta, with xhat = xc * inv_std, written into xc's memory
         out = xc
@@ -66,10 +67,17 @@ class BatchNorm2d(Layer):
     def _update_running(self, mu, var, M):
         buf = self.buffers
         buf["num_batches_tracked"][...] += 1                           # stays a 0-d array
-        m = self.momentum if self.momentum is not None else 1.0 / float(buf["num_batches_tracked"])
         scalar = buf["running_mean"].dtype.type
-        buf["running_mean"] = (1 - scalar(m)) * buf["running_mean"] + scalar(m) * mu.astype(buf["running_mean"].dtype)
-        buf["running_var"] = (1 - scalar(m)) * buf["running_var"] + scalar(m) * (var * scalar(M / (M - 1))).astype(buf["running_var"].dtype)
+        m = self._momentum(scalar)
+        buf["running_mean"] = (1 - m) * buf["running_mean"] + m * mu.astype(buf["running_mean"].dtype)
+        buf["running_var"] = (1 - m) * buf["running_var"] + m * (var * scalar(M / (M - 1))).astype(buf["running_var"].dtype)
+
+    def _momentum(self, scalar):
+        """The momentum as a `scalar` (a NumPy scalar type); momentum=None: 1 / num_batches_tracked,
+        computed where the counter lives (as a 0-d array on a GPU: no read back to the host)."""
+        if self.momentum is not None:
+            return scalar(self.momentum)
+        return (1.0 / self.buffers["num_batches_tracked"]).astype(scalar)
 
     def backward(self, dout):
         x, mu, inv_std, training = self.saved()
@@ -78,19 +86,19 @@ class BatchNorm2d(Layer):
         M = x.dtype.type(N * H * W)
         xp = backend.get_array_module(x)
         gamma = self.params["weight"]                                      # (C,)
-        xc = x - mu.reshape(1, C, 1, 1)    # (N, C, H, W) centred first: no cancellation below
+        xc = xp.subtract(x, mu.reshape(1, C, 1, 1), out=backend.out_like(x))  # (N, C, H, W) centred first
         sum_dout = xp.einsum("nchw->c", dout)                              # (C,)
         sum_dout_xhat = inv_std * xp.einsum("nchw,nchw->c", dout, xc)      # (C,) = sum(dout * xhat)
         self.grads["weight"] = sum_dout_xhat                               # (C,)
         self.grads["bias"] = sum_dout                                      # (C,)
         if not training:
-            return dout * (gamma * inv_std).reshape(1, C, 1, 1)            # (N, C, H, W)
+            return xp.multiply(dout, (gamma * inv_std).reshape(1, C, 1, 1), out=backend.out_like(dout))  # (N, C, H, W)
         # dx = inv_std * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = gamma * dout,
         # is per channel a multiple of dout, a multiple of xc and a constant: three passes.
         dout_coef = gamma * inv_std                              # (C,) term dxhat: inv_std*gamma
         xc_coef = -dout_coef * inv_std * sum_dout_xhat / M       # (C,) term xhat*mean(dxhat*xhat), xhat = xc*inv_std
         mean_term = -dout_coef * sum_dout / M                    # (C,) term mean(dxhat)
-        dx = dout * dout_coef.reshape(1, C, 1, 1)                          # (N, C, H, W)
+        dx = xp.multiply(dout, dout_coef.reshape(1, C, 1, 1), out=backend.out_like(dout))  # (N, C, H, W)
         xc *= xc_coef.reshape(1, C, 1, 1)
         dx += xc
         dx += mean_term.reshape(1, C, 1, 1)

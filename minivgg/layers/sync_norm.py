@@ -8,6 +8,8 @@ Notation: rank r holds x_r (N_r, C, H, W); M_r = N_r*H*W values per channel; M =
 """
 from __future__ import annotations
 
+import numpy as np
+
 from .. import backend
 from .norm import BatchNorm2d
 
@@ -64,35 +66,40 @@ class SyncBatchNorm2d(BatchNorm2d):
         xp = backend.get_array_module(x)
         dt = x.dtype.type
         shift = self.buffers["running_mean"].astype(x.dtype).reshape(1, C, 1, 1)   # K (1, C, 1, 1)
-        xs = x - shift                                                            # (N, C, H, W)
+        xs = xp.subtract(x, shift, out=backend.out_like(x))                       # (N, C, H, W) x - K
         sums = xp.empty(2 * C + 1, dtype=x.dtype)                                 # [s1, s2, M_r]
         sums[:C] = xp.einsum("nchw->c", xs)
         sums[C:2 * C] = xp.einsum("nchw,nchw->c", xs, xs)
         sums[2 * C] = N * H * W
         self.comm.allreduce_sum_(sums)
-        M = float(sums[2 * C])                                                    # global count
-        if M < 2:
+        # M stays where it was summed: reading it back would cost a device-to-host copy (and a wait)
+        # per layer per step. Only a rank whose own count is below 2 needs the sum to check it.
+        M = sums[2 * C]                                                           # global count, 0-d
+        if N * H * W < 2 and float(M) < 2:
             raise ValueError(f"{self!r}: training needs more than one value per channel over all ranks, "
-                             f"got {M:.0f}; use a larger batch, or eval()")
-        m1 = sums[:C] / dt(M)                                                     # (C,) mean of x - K
+                             f"got {float(M):.0f}; use a larger batch, or eval()")
+        m1 = sums[:C] / M                                                         # (C,) mean of x - K
         mu = shift.reshape(C) + m1                                                # (C,)
-        var = xp.maximum(sums[C:2 * C] / dt(M) - m1 * m1, dt(0))                  # (C,) biased
+        var = xp.maximum(sums[C:2 * C] / M - m1 * m1, dt(0))                      # (C,) biased
         self._update_running_global(mu, var, M)
         inv_std = 1.0 / xp.sqrt(var + dt(self.eps))                               # (C,)
-        xhat = (x - mu.reshape(1, C, 1, 1)) * inv_std.reshape(1, C, 1, 1)         # (N, C, H, W)
-        out = xhat * self.params["weight"].reshape(1, C, 1, 1)
+        xhat = xp.subtract(x, mu.reshape(1, C, 1, 1), out=backend.out_like(x))    # (N, C, H, W)
+        xhat *= inv_std.reshape(1, C, 1, 1)                                       # (x - mu) * inv_std
+        out = xp.multiply(xhat, self.params["weight"].reshape(1, C, 1, 1), out=backend.out_like(x))
         out += self.params["bias"].reshape(1, C, 1, 1)                            # (N, C, H, W)
         self.cache = (x, xhat, inv_std, N * H * W, M)
         return out
 
     def _update_running_global(self, mu, var, M):
+        """M: the global count, a 0-d array (or scalar) on the layer's device, never read back."""
         b = self.buffers
         b["num_batches_tracked"][...] += 1
-        m = self.momentum if self.momentum is not None else 1.0 / float(b["num_batches_tracked"])
         dt = b["running_mean"].dtype.type
-        b["running_mean"] = (1 - dt(m)) * b["running_mean"] + dt(m) * mu.astype(b["running_mean"].dtype)
-        unbiased = (var * dt(M / (M - 1))).astype(b["running_var"].dtype)
-        b["running_var"] = (1 - dt(m)) * b["running_var"] + dt(m) * unbiased
+        m = self._momentum(dt)
+        b["running_mean"] = (1 - m) * b["running_mean"] + m * mu.astype(b["running_mean"].dtype)
+        M = M.astype(np.float64)                                                  # M / (M - 1) in float64
+        unbiased = (var * (M / (M - 1)).astype(dt)).astype(b["running_var"].dtype)
+        b["running_var"] = (1 - m) * b["running_var"] + m * unbiased
 
     def backward(self, dout):
         if self.cache is None or not self._synced:   # an eval-mode forward left BatchNorm2d's cache
@@ -106,13 +113,16 @@ class SyncBatchNorm2d(BatchNorm2d):
         sum_dout_xhat = xp.einsum("nchw,nchw->c", dout, xhat)                     # (C,)
         self.grads["weight"] = sum_dout_xhat                                      # (C,) local
         self.grads["bias"] = sum_dout                                             # (C,) local
-        w = dt(M_r / M)                                                           # this rank's share
+        w = (M_r / M.astype(np.float64)).astype(x.dtype)                          # this rank's share
         sums = xp.concatenate([sum_dout * w, sum_dout_xhat * w])                  # (2C,) [A, Bs] after the sum
         self.comm.allreduce_sum_(sums)
         A, Bs = sums[:C], sums[C:]
         a = self.params["weight"] * inv_std                                       # (C,)
-        dx = dout * a.reshape(1, C, 1, 1)                                         # (N, C, H, W)
-        dx -= (xhat * Bs.reshape(1, C, 1, 1) + A.reshape(1, C, 1, 1)) * (a / dt(M_r)).reshape(1, C, 1, 1)
+        dx = xp.multiply(dout, a.reshape(1, C, 1, 1), out=backend.out_like(dout))  # (N, C, H, W)
+        t = xp.multiply(xhat, Bs.reshape(1, C, 1, 1), out=backend.out_like(xhat))  # (N, C, H, W)
+        t += A.reshape(1, C, 1, 1)
+        t *= (a / dt(M_r)).reshape(1, C, 1, 1)                                    # (xhat*Bs + A) * a / M_r
+        dx -= t
         return dx
 
     def __repr__(self):

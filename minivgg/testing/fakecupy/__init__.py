@@ -12,7 +12,11 @@ would fail on a GPU fails here:
     launch's arguments checked the way the CUDA driver reads them;
   * copies between host and device, synchronisations and launches are counted
     (`stats`, `counting()`), so tests can state what one training step costs;
-  * `empty` memory is poisoned with NaN, so an element a kernel forgets to write shows.
+  * `empty` memory is poisoned with NaN, so an element a kernel forgets to write shows;
+  * results are laid out as CuPy lays them out: what it computes into memory it allocates
+    (operators, ufuncs, reductions, where, clip, concatenate, matmul) is C-contiguous whatever
+    the inputs' strides, where NumPy keeps their order; `out=`, `*_like`, astype and views keep
+    the layout (_ndarray.c_order says where in CuPy's source each rule is).
 What it cannot show: speed, memory limits, races between threads (it runs them one after
 another), and NVRTC's own acceptance of the source (tests/test_cuda_compile.py runs nvcc).
 """
@@ -22,7 +26,7 @@ import numpy as _np
 
 from . import cuda
 from ._host_cuda import RawKernel, RawModule  # noqa: F401
-from ._ndarray import ndarray, poison, unwrap, wrap
+from ._ndarray import c_order, ndarray, poison, unwrap, wrap
 from ._state import counting, reset_counters, stats  # noqa: F401
 
 __version__ = "0.0-fakecupy"
@@ -86,26 +90,34 @@ def _device_only(a, name):
         raise TypeError(f"cupy.{name} needs a cupy.ndarray, got {type(a)} (move it with cupy.asarray first)")
 
 
-def _function(name):
-    """cupy.<name> computed by numpy.<name> on the storage: device arrays in, device arrays out."""
+def _function(name, computes):
+    """cupy.<name> computed by numpy.<name> on the storage: device arrays in, device arrays out.
+    `computes`: CuPy allocates the result itself, C-contiguous (see _ndarray.c_order)."""
     f = getattr(_np, name)
 
     def g(*args, **kwargs):
         out = kwargs.get("out")
         result = f(*unwrap(args), **{k: unwrap(v) for k, v in kwargs.items()})
-        return out if isinstance(out, ndarray) else wrap(result)
+        if isinstance(out, ndarray):
+            return out                     # written as `out` is laid out, as CuPy does
+        return wrap(c_order(result) if computes else result)
     g.__name__ = g.__qualname__ = name
     g.__doc__ = f"cupy.{name} (stand-in: numpy.{name} on device storage)"
     return g
 
 
-for _name in ("zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "arange", "linspace",
-              "matmul", "dot", "vdot", "einsum", "exp", "log", "log1p", "expm1", "sqrt", "square", "tanh",
+# Computations: CuPy allocates their results C-contiguous (ufuncs, elementwise kernels, reductions,
+# where, clip, concatenate/stack, matmul/dot, take/repeat/tile/pad, bincount).
+for _name in ("matmul", "dot", "vdot", "exp", "log", "log1p", "expm1", "sqrt", "square", "tanh",
               "maximum", "minimum", "multiply", "divide", "true_divide", "add", "subtract", "negative",
               "abs", "absolute", "sign", "power", "floor", "ceil", "where", "sum", "mean", "prod", "cumsum",
               "amax", "amin", "max", "min", "argmax", "argmin", "all", "any", "count_nonzero", "isfinite",
-              "isnan", "isinf", "clip", "concatenate", "stack", "broadcast_to", "reshape", "transpose",
-              "moveaxis", "bincount", "take_along_axis", "less", "greater", "equal", "not_equal",
-              "logical_and", "logical_or", "logical_not", "copyto", "flip",
+              "isnan", "isinf", "clip", "concatenate", "stack", "bincount", "take_along_axis", "less",
+              "greater", "equal", "not_equal", "logical_and", "logical_or", "logical_not",
               "pad", "take", "repeat", "tile"):
-    globals()[_name] = _function(_name)
+    globals()[_name] = _function(_name, computes=True)
+# Creation (C order, or *_like's order='K', as NumPy), views and copyto (into its destination): NumPy's
+# layout is CuPy's. einsum is left as NumPy lays it out: minivgg only reduces with it, to 1-D.
+for _name in ("zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "arange", "linspace",
+              "einsum", "broadcast_to", "reshape", "transpose", "moveaxis", "copyto", "flip"):
+    globals()[_name] = _function(_name, computes=False)

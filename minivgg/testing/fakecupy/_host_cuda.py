@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _state
+from ._ndarray import ndarray
 
 _INCLUDE = Path(__file__).with_name("include")
 _KERNEL_DEF = re.compile(r'extern\s+"C"\s+__global__\s+void\s+([A-Za-z_]\w*)\s*\(')
@@ -173,7 +174,6 @@ def _dim3(v, what):
 
 def _argument_bytes(kernel, i, a, size, pointee):
     """The bytes CuPy would hand the driver for argument i, checked against the parameter."""
-    from ._ndarray import ndarray
     where = f"{kernel}: argument {i}"
     if pointee != -1:   # the kernel expects a device pointer
         if not isinstance(a, ndarray):

@@ -3,7 +3,9 @@
 Rules kept as CuPy keeps them (cupy/_core/core.pyx): no implicit conversion to NumPy
 (`np.asarray(x)`, `x.__array__()`), NumPy arrays refused as operands and as assigned values
 (CuPy gh-2079), NumPy scalars and Python numbers accepted, every result a device array (a
-reduction gives a 0-d array, not a scalar). Stricter than CuPy, because minivgg's rule is
+reduction gives a 0-d array, not a scalar). What CuPy allocates itself for a computation (an
+operator, a ufunc, a reduction, where, clip, concatenate, matmul) is C-contiguous whatever the
+inputs' strides (c_order below), where NumPy keeps the inputs' memory order. Stricter than CuPy, because minivgg's rule is
 `xp.f(x)`, never `np.f(x)` on device data: NumPy functions and ufuncs called on these arrays
 are refused (CuPy would dispatch them through __array_function__). `empty` memory is
 poisoned with NaN (or -7777 for integers), so a kernel that leaves an element unwritten shows.
@@ -15,10 +17,10 @@ import weakref
 import numpy as np
 
 from . import _state
+from ._device import Device
 
 IMPLICIT = ("Implicit conversion to a NumPy array is not allowed. "
             "Please use `.get()` to construct a NumPy array explicitly.")
-_live_bytes = [0]   # the memory pool's used_bytes()
 
 
 def unsupported(v) -> TypeError:
@@ -44,6 +46,24 @@ def wrap(r):
         return ndarray._wrap(np.asarray(r))
     if isinstance(r, tuple):
         return tuple(wrap(e) for e in r)
+    return r
+
+
+def c_order(r):
+    """A computed result laid out as CuPy allocates it: C-contiguous.
+
+    CuPy's ufuncs and elementwise kernels allocate their outputs with _ndarray_init, C order,
+    whatever the inputs' strides (cupy/_core/_kernel.pyx, _get_out_args_from_optionals), and so
+    do its reductions (_reduction.pyx), concatenate and stack (_routines_manipulation.pyx) and
+    matmul (_routines_linalg.pyx); NumPy keeps the inputs' memory order (order='K'). An `out=`
+    array is written as it is laid out, in both. Creation `*_like`, astype and copy(order='K')
+    keep the layout in CuPy as in NumPy (cupy/_creation/basic.py, core.pyx _astype), and
+    views (transpose, reshape, slicing) are views in both: those pass through NumPy unchanged.
+    """
+    if isinstance(r, np.ndarray) and not r.flags.c_contiguous:
+        return r.copy(order="C")     # a fresh result, never a view of an argument: safe to copy
+    if isinstance(r, tuple):
+        return tuple(c_order(e) for e in r)
     return r
 
 
@@ -77,17 +97,20 @@ def _binary(name):
         if result is NotImplemented:
             return result
         if name.startswith("__i"):
-            return self
-        return wrap(result)
+            return self                # in place: self's memory, as laid out
+        return wrap(c_order(result))
     op.__name__ = name
     return op
 
 
-def _method(name):
+def _method(name, computes):
+    """ndarray.<name> on the storage; `computes`: CuPy allocates the result (C order, c_order)."""
     def m(self, *args, **kwargs):
         out = kwargs.get("out")
         result = getattr(self._a, name)(*unwrap(args), **{k: unwrap(v) for k, v in kwargs.items()})
-        return out if isinstance(out, ndarray) else wrap(result)
+        if isinstance(out, ndarray):
+            return out
+        return wrap(c_order(result) if computes else result)
     m.__name__ = name
     return m
 
@@ -133,7 +156,7 @@ class ndarray:
                 raise unsupported(i)
         if method == "__call__" and not kwargs and scalars and \
                 all(isinstance(i, (int, float, complex, bool, np.generic)) for i in scalars):
-            return wrap(ufunc(*[i._a if isinstance(i, ndarray) else i for i in inputs]))
+            return wrap(c_order(ufunc(*[i._a if isinstance(i, ndarray) else i for i in inputs])))
         raise TypeError(f"numpy.{ufunc.__name__} was called on a cupy.ndarray. {IMPLICIT} "
                         f"(minivgg's device code calls xp.{ufunc.__name__}, with xp = get_array_module(x))")
 
@@ -210,7 +233,6 @@ class ndarray:
 
     @property
     def device(self):
-        from .cuda import Device
         return Device(0)
 
     def __len__(self):
@@ -261,9 +283,10 @@ for _name in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__
               "__iand__", "__ior__", "__ixor__"):
     setattr(ndarray, _name, _binary(_name))
 for _name in ("sum", "mean", "var", "std", "max", "min", "argmax", "argmin", "any", "all", "prod", "cumsum",
-              "clip", "dot", "ravel", "flatten", "squeeze", "swapaxes", "view", "take", "repeat", "nonzero",
-              "round", "__neg__", "__pos__", "__abs__", "__invert__"):
-    setattr(ndarray, _name, _method(_name))
+              "clip", "dot", "take", "repeat", "nonzero", "round", "__neg__", "__pos__", "__abs__", "__invert__"):
+    setattr(ndarray, _name, _method(_name, computes=True))
+for _name in ("ravel", "flatten", "squeeze", "swapaxes", "view"):   # views, or C-order copies in both
+    setattr(ndarray, _name, _method(_name, computes=False))
 ndarray.__hash__ = None
 
 
@@ -274,9 +297,9 @@ def _track(a: np.ndarray) -> None:
     if id(a) in _tracked:
         return
     _tracked[id(a)] = a.nbytes
-    _live_bytes[0] += a.nbytes
+    _state.live_bytes[0] += a.nbytes
     weakref.finalize(a, _release, id(a))
 
 
 def _release(key: int) -> None:
-    _live_bytes[0] -= _tracked.pop(key, 0)
+    _state.live_bytes[0] -= _tracked.pop(key, 0)

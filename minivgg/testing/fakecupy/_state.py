@@ -1,4 +1,5 @@
-"""What the stand-in counts: copies between host and device, synchronisations, kernel launches."""
+"""What the stand-in counts: copies between host and device, synchronisations, kernel launches,
+and the bytes of live device arrays. The bottom of the stand-in's imports: it imports none of them."""
 from __future__ import annotations
 
 import contextlib
@@ -8,6 +9,7 @@ import contextlib
 # sync: explicit synchronisations (Device / Stream .synchronize(), runtime.deviceSynchronize)
 # launches: RawKernel launches
 stats = {"d2h": 0, "h2d": 0, "sync": 0, "launches": 0}
+live_bytes = [0]   # bytes of the live device arrays: the memory pool's used_bytes()
 
 
 def reset_counters() -> None:

@@ -1,82 +1,10 @@
-"""cupy.cuda for the stand-in: one (or $MINIVGG_FAKECUPY_DEVICES) device, streams, the memory pool."""
+"""cupy.cuda for the stand-in: one (or $MINIVGG_FAKECUPY_DEVICES) device of 16 GiB (or
+$MINIVGG_FAKECUPY_MEMORY_MB), streams, the memory pool."""
 from __future__ import annotations
 
-import os
-
 from . import _state
+from ._device import CUDARuntimeError, Device, runtime  # noqa: F401  (cupy.cuda's names)
 from ._host_cuda import CompileException  # noqa: F401  (cupy.cuda.compiler.CompileException)
-from ._ndarray import _live_bytes
-
-
-class CUDARuntimeError(RuntimeError):
-    pass
-
-
-class _Runtime:
-    """cupy.cuda.runtime: the calls minivgg makes."""
-
-    @staticmethod
-    def getDeviceCount() -> int:
-        return int(os.environ.get("MINIVGG_FAKECUPY_DEVICES", "1"))
-
-    @staticmethod
-    def deviceSynchronize() -> None:
-        _state.stats["sync"] += 1
-
-    @staticmethod
-    def runtimeGetVersion() -> int:
-        return 13000
-
-    @staticmethod
-    def driverGetVersion() -> int:
-        return 13000
-
-    @staticmethod
-    def getDeviceProperties(device: int) -> dict:
-        Device(device)   # range check
-        return {"name": b"fakecupy (CPU stand-in, not a GPU)", "totalGlobalMem": 0, "major": 0, "minor": 0,
-                "multiProcessorCount": 0}
-
-
-runtime = _Runtime()
-_current = [0]
-
-
-class Device:
-    """cupy.cuda.Device(i): .use(), .synchronize(), a context manager, .id."""
-
-    def __init__(self, device=None):
-        self.id = _current[0] if device is None else int(device)
-        if not 0 <= self.id < runtime.getDeviceCount():
-            raise CUDARuntimeError("cudaErrorInvalidDevice: invalid device ordinal")
-        self._prev = None
-
-    def use(self) -> None:
-        _current[0] = self.id
-
-    def synchronize(self) -> None:
-        _state.stats["sync"] += 1
-
-    @property
-    def compute_capability(self) -> str:
-        return "90"
-
-    def __enter__(self):
-        self._prev = _current[0]
-        self.use()
-        return self
-
-    def __exit__(self, *exc):
-        _current[0] = self._prev
-
-    def __eq__(self, other):
-        return isinstance(other, Device) and other.id == self.id
-
-    def __hash__(self):
-        return hash(self.id)
-
-    def __repr__(self):
-        return f"<CUDA Device {self.id}>"
 
 
 class Stream:
@@ -111,10 +39,10 @@ class MemoryPool:
     """cupy.get_default_memory_pool(): bytes held by live device arrays."""
 
     def used_bytes(self) -> int:
-        return _live_bytes[0]
+        return _state.live_bytes[0]
 
     def total_bytes(self) -> int:
-        return _live_bytes[0]
+        return _state.live_bytes[0]
 
     def free_bytes(self) -> int:
         return 0
