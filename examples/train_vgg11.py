@@ -247,6 +247,17 @@ def saved_options(path) -> dict:
     return saved_extra(path).get("args", {})
 
 
+def saved_extra(path) -> dict:
+    """A checkpoint's extra (the options and data the run was started with), read once per path."""
+    from minivgg.train import load_checkpoint
+    if path not in _SAVED:
+        _SAVED[path] = load_checkpoint(path)["extra"]
+    return _SAVED[path]
+
+
+_SAVED: dict = {}
+
+
 def check_args(args) -> None:
     from minivgg.models import MIN_IMAGE_SIZE
     if args.image_size < MIN_IMAGE_SIZE:
@@ -571,17 +582,6 @@ def run(args) -> int:
     print(f"history: {out / 'history.json'}, {out / 'history.csv'}")
     print(f"predict: python examples/predict.py --checkpoint {trainer.best_path if trainer.best_path.exists() else trainer.last_path} IMAGE...")
     return 0
-
-
-def saved_extra(path) -> dict:
-    """A checkpoint's extra (the options and data the run was started with), read once per path."""
-    from minivgg.train import load_checkpoint
-    if path not in _SAVED:
-        _SAVED[path] = load_checkpoint(path)["extra"]
-    return _SAVED[path]
-
-
-_SAVED: dict = {}
 
 
 def bad_input_errors() -> tuple:
