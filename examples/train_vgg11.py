@@ -5,7 +5,8 @@
     PYTHONPATH=. python examples/train_vgg11.py --help
 
 Everything a run leaves (checkpoints, history, plots) goes to --out; --resume continues a run
-exactly where it stopped. The defaults live in DEFAULTS and PRESETS below: change them there.
+exactly where it stopped. Every option is one row of OPTIONS below (its default, its help, and
+what --resume does with it); named recipes are PRESETS. Change them there.
 """
 from __future__ import annotations
 
@@ -22,28 +23,25 @@ except ImportError:  # run from a checkout without PYTHONPATH=. or pip install -
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import minivgg  # noqa: F401
 
-import numpy as np  # noqa: E402
+from minivgg.train import options as option_table  # noqa: E402
+from minivgg.train.options import FIXED, IGNORED, MAY_CHANGE, Option, OptionError, Section  # noqa: E402
 
-# The laptop defaults: VGG-11 with BatchNorm at 1/8 width on 32x32 Fashion-MNIST, a small head,
-# Adam 2e-3 with cosine decay, random flips, 12 epochs: 91.85% test top-1 in 5 min 44 s on 2 cores
-# (README, "Results"). One place to tune them.
-DEFAULTS = {
-    "device": "cpu", "model": "vgg11", "bn": True, "init": "xavier",
-    "dataset": "fashion-mnist", "data_dir": None, "download": True, "image_size": 32, "channels": None,
-    "width_ratio": 8, "head": "classic", "hidden": "256,256", "pool_size": 1, "dropout": 0.0,
-    "epochs": 12, "batch_size": 128, "accum_steps": 1,
-    "optimizer": "adam", "lr": 2e-3, "momentum": 0.9, "weight_decay": 0.0,
-    "schedule": "cosine", "warmup": 0.0, "label_smoothing": 0.0, "clip_norm": None,
-    "augment": True, "crop_padding": 0, "normalize": True, "seed": 0, "out": None, "resume": None, "init_from": None,
-    "freeze_features": False, "patience": None, "max_steps": None, "train_subset": None,
-    "val_size": 5000, "test_subset": None, "progress": True, "plots": True,
-    "grad_flow": None, "skip_bad_images": False,
-    "distributed": False, "sync_bn": False,
-    "stream": False,
-    "amp": False, "amp_growth_interval": 2000,
-}
 
-# Named recipes: each overrides DEFAULTS; flags given on the command line override both.
+def hidden_widths(text) -> tuple[int, ...]:
+    """'256,256' -> (256, 256); '' or 'none' or '0' -> ()."""
+    text = str(text).strip().lower()
+    if text in ("", "none", "0"):
+        return ()
+    try:
+        widths = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated widths like 256,256, got {text!r}")
+    if any(w < 1 for w in widths):
+        raise argparse.ArgumentTypeError(f"hidden widths must be positive, got {text!r}")
+    return widths
+
+
+# Named recipes: each overrides the defaults; flags given on the command line override both.
 PRESETS = {
     # d2l.ai chapter 8.2 (VGG) as run on its GPU: VGG-11 without BN, 1/4 width, 224x224 inputs,
     # torchvision's head (7x7 pool, 4096-4096, dropout 0.5), Xavier init, plain SGD lr 0.05,
@@ -59,19 +57,115 @@ PRESETS = {
                  "epochs": 10, "batch_size": 128, "augment": False, "normalize": False, "val_size": 0},
 }
 
-# Options that describe the data and the network: a resumed run takes them from its checkpoint.
-RUN_OPTIONS = ("model", "bn", "init", "dataset", "data_dir", "image_size", "channels", "width_ratio",
-               "head", "hidden", "pool_size", "dropout", "optimizer", "momentum", "weight_decay",
-               "schedule", "warmup", "label_smoothing", "clip_norm", "augment", "crop_padding", "normalize", "seed",
-               "batch_size", "accum_steps", "freeze_features", "train_subset", "val_size", "test_subset",
-               "lr", "out", "patience", "sync_bn", "epochs", "skip_bad_images", "stream",
-               "amp", "amp_growth_interval")
-# Of those, the ones a resumed run cannot change: the weights, optimizer state, schedule and data split
-# in the checkpoint were made with them, so a different typed value is refused (not silently ignored).
-FIXED_ON_RESUME = ("model", "bn", "init", "dataset", "image_size", "channels", "width_ratio", "head", "hidden",
-                   "pool_size", "dropout", "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup",
-                   "normalize", "seed", "batch_size", "accum_steps", "freeze_features", "train_subset",
-                   "val_size")
+# Every option, one row each: Option(name, default, type, help, what --resume does with it, argparse extras).
+# The laptop defaults: VGG-11 with BatchNorm at 1/8 width on 32x32 Fashion-MNIST, a small head,
+# Adam 2e-3 with cosine decay, random flips, 12 epochs: 91.85% test top-1 in 5 min 44 s on 2 cores
+# (README, "Results"). On --resume: FIXED options (the network, the data split, the optimizer) keep the
+# checkpoint's value and refuse another; MAY_CHANGE ones keep it unless typed; IGNORED ones are per invocation.
+OPTIONS = [
+    Section("run"),
+    Option("preset", None, str, "a named recipe that sets many options at once (flags you give still win): "
+           "d2l = d2l.ai's VGG-11 run (width 1/4, 224x224, SGD lr 0.05, xavier, 10 epochs, batch 128); "
+           "d2l-adam = the same with Adam lr 1e-4", IGNORED, choices=tuple(sorted(PRESETS))),
+    Option("device", "cpu", str, "cpu, gpu or gpu:N (a GPU needs CuPy)", IGNORED),
+    Option("seed", 0, int, "seeds weight init, dropout, the validation split, shuffling and augmentation", FIXED),
+    Option("out", None, str, "where checkpoints, history and plots go (default: runs/<model>-<dataset>)",
+           MAY_CHANGE, metavar="DIR"),
+    Option("resume", None, str, "continue from a checkpoint (last.npz), bit-exactly on the CPU: every option the "
+           "run was started with is read from it; a typed --epochs is the new total, and options the run cannot "
+           "change (network, data split, optimizer, --lr ...) are refused", IGNORED, metavar="PATH"),
+    Option("max_steps", None, int, "stop after N optimizer steps in total (smoke tests; a checkpoint is written)",
+           IGNORED, metavar="N"),
+    Option("patience", None, int, "early stopping: stop after N epochs without a better validation accuracy",
+           MAY_CHANGE, metavar="N"),
+    Option("progress", True, bool, "show progress bars", IGNORED),
+    Option("plots", True, bool, "draw PNG plots every epoch", IGNORED),
+    Option("grad_flow", None, int, "write grad_flow.png: every layer's weight-gradient norm over the first STEPS "
+           "optimizer steps (100 if no number is given); shows vanishing or exploding gradients", IGNORED,
+           nargs="?", const=100, metavar="STEPS"),
+
+    Section("data parallel (pip install -e '.[mpi]'; start with mpirun -n K)"),
+    Option("distributed", False, bool, "train one model on the K processes mpirun started: each takes 1/K of "
+           "every --batch-size batch and the gradients are averaged before every step (MPI on the CPU, NCCL on "
+           "GPUs: rank r uses gpu:r of its machine); rank 0 alone writes --out, and every rank evaluates with "
+           "rank 0's BatchNorm running statistics (as PyTorch DDP)", IGNORED),
+    Option("sync_bn", False, bool, "with --distributed: BatchNorm statistics over the whole global batch (all "
+           "ranks), instead of each rank's own share", MAY_CHANGE),
+
+    Section("model"),
+    Option("model", "vgg11", str, "VGG depth: 11, 13, 16 or 19 weight layers (configurations A, B, D, E)", FIXED,
+           choices=("vgg11", "vgg13", "vgg16", "vgg19")),
+    Option("bn", True, bool, "BatchNorm after every convolution (vgg11_bn ...); trains faster and more stably",
+           FIXED),
+    Option("width_ratio", 8, int, "divide every conv channel count by R (64..512 -> 64/R..512/R); R=1 is the "
+           "paper's VGG, d2l uses 4", FIXED, metavar="R"),
+    Option("head", "classic", str, "classic = adaptive average pool to --pool-size, then Linear layers of "
+           "--hidden widths; gap = global average pool + one Linear", FIXED, choices=("classic", "gap")),
+    Option("hidden", "256,256", hidden_widths, "widths of the classic head's hidden Linear layers (4096,4096 in "
+           "the paper; 'none' for a single Linear)", FIXED, metavar="W1,W2"),
+    Option("pool_size", 1, int, "the classic head pools the last feature map to PxP (7 as torchvision at "
+           "224x224; 1 suits 32x32 inputs, whose last map is 1x1)", FIXED, metavar="P"),
+    Option("dropout", 0.0, float, "dropout after each hidden Linear", FIXED),
+    Option("init", "xavier", str, "weight init: kaiming (torchvision's) or xavier (d2l's)", FIXED,
+           choices=("kaiming", "xavier")),
+    Option("init_from", None, str, "copy the convolutional weights (features.*) from a minivgg checkpoint before "
+           "training, for fine-tuning; the head starts fresh", IGNORED, metavar="PATH"),
+    Option("freeze_features", False, bool, "train only the head: the convolutional layers keep their weights",
+           FIXED),
+
+    Section("data"),
+    Option("dataset", "fashion-mnist", str, "fashion-mnist, or folder:PATH for a folder with one sub-folder of "
+           "images per class (20%% of it is held out for validation; a resumed run refuses a folder whose file "
+           "list changed)", FIXED, metavar="NAME"),
+    Option("data_dir", None, str, "folder holding the Fashion-MNIST .gz files (searched first; then "
+           "$MINIVGG_DATA, ~/.cache/minivgg, /usr/share/datasets/fashion-mnist)", MAY_CHANGE, metavar="DIR"),
+    Option("stream", False, bool, "folder: datasets only: decode images batch by batch with worker threads "
+           "instead of loading the folder into memory first (for folders larger than memory); the same batches, "
+           "except that mean/std come from 2,000 sampled training images when there are more", MAY_CHANGE),
+    Option("download", True, bool, "download Fashion-MNIST when it is not found", IGNORED),
+    Option("image_size", 32, int, "resize images to SxS (at least 32: VGG halves the image 5 times)", FIXED,
+           metavar="S"),
+    Option("channels", None, int, "1 (gray) or 3 (RGB) input channels (default: 1 for Fashion-MNIST, 3 for a "
+           "folder)", FIXED, choices=(1, 3)),
+    Option("augment", True, bool, "random horizontal flips and random crops of the training images", MAY_CHANGE),
+    Option("crop_padding", 0, int, "with --augment: pad by P pixels, then crop back at random (0 = flips only; "
+           "S/8, e.g. 4 at 32x32, is the usual choice)", MAY_CHANGE, metavar="P"),
+    Option("skip_bad_images", False, bool, "with --dataset folder:PATH, leave out images that cannot be read "
+           "(each is named in a warning) instead of stopping; with --stream, files that are missing or dangling "
+           "links when the run starts (a file that exists but does not decode stops the run when its batch is "
+           "built, named)", MAY_CHANGE),
+    Option("normalize", True, bool, "subtract the training set's mean and divide by its std, per channel", FIXED),
+    Option("train_subset", None, int, "train on only N images (quick runs); validation shrinks to N/10 unless "
+           "--val-size", FIXED, metavar="N"),
+    Option("val_size", 5000, int, "Fashion-MNIST training images held out for validation (best.npz, early "
+           "stopping); 0 validates on the test set, as d2l does", FIXED, metavar="N"),
+    Option("test_subset", None, int, "evaluate the final model on only N test images", MAY_CHANGE, metavar="N"),
+
+    Section("optimisation"),
+    Option("epochs", 12, int, "total number of epochs", MAY_CHANGE),
+    Option("batch_size", 128, int, "images per micro-batch", FIXED),
+    Option("accum_steps", 1, int, "accumulate gradients over K micro-batches per optimizer step (an effective "
+           "batch of K x --batch-size in the memory of one)", FIXED, metavar="K"),
+    Option("optimizer", "adam", str, "adam, adamw (decoupled weight decay) or sgd (with --momentum)", FIXED,
+           choices=("adam", "adamw", "sgd")),
+    Option("lr", 2e-3, float, "peak learning rate", FIXED),
+    Option("momentum", 0.9, float, "SGD momentum", FIXED),
+    Option("weight_decay", 0.0, float, "L2 penalty (sgd, adam) or decoupled decay (adamw)", FIXED),
+    Option("schedule", "cosine", str, "learning-rate schedule over the epochs: constant, step (x0.1 every "
+           "epochs/3), exponential (x0.92 per epoch) or cosine to 0", FIXED,
+           choices=("none", "step", "exp", "cosine")),
+    Option("warmup", 0.0, float, "ramp the learning rate up linearly over this many epochs (fractions allowed)",
+           FIXED, metavar="EPOCHS"),
+    Option("label_smoothing", 0.0, float, "train against (1-EPS) one-hot + EPS/K targets", MAY_CHANGE,
+           metavar="EPS"),
+    Option("clip_norm", None, float, "clip the global gradient norm to C before each step", MAY_CHANGE,
+           metavar="C"),
+    Option("amp", False, bool, "mixed precision: float16 forward and backward, float32 master weights, "
+           "optimizer, BatchNorm and loss, dynamic loss scaling (minivgg/amp.py); made for GPUs, slower on the "
+           "CPU", MAY_CHANGE),
+    Option("amp_growth_interval", 2000, int, "with --amp: double the loss scale after N steps without inf/NaN "
+           "gradients (it halves, and the step is skipped, on any)", MAY_CHANGE, metavar="N"),
+]
 
 EPILOG = """\
 examples:
@@ -113,154 +207,12 @@ class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionH
     pass
 
 
-def hidden_widths(text) -> tuple[int, ...]:
-    """'256,256' -> (256, 256); '' or 'none' or '0' -> ()."""
-    text = str(text).strip().lower()
-    if text in ("", "none", "0"):
-        return ()
-    try:
-        widths = tuple(int(t) for t in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated widths like 256,256, got {text!r}")
-    if any(w < 1 for w in widths):
-        raise argparse.ArgumentTypeError(f"hidden widths must be positive, got {text!r}")
-    return widths
-
-
 def make_parser(suppress: bool = False) -> argparse.ArgumentParser:
     """The CLI; with suppress=True only options given on the command line appear in the result."""
-    p = argparse.ArgumentParser(
-        prog="train_vgg11.py", formatter_class=Formatter, epilog=EPILOG,
-        argument_default=argparse.SUPPRESS if suppress else None,
+    return option_table.make_parser(
+        OPTIONS, suppress, prog="train_vgg11.py", formatter_class=Formatter, epilog=EPILOG,
         description="Train a VGG (NumPy on the CPU, CuPy on a GPU) with progress bars, evaluation every "
                     "epoch, checkpoints that resume exactly, and plots of the run.")
-    D = (lambda key: argparse.SUPPRESS) if suppress else (lambda key: DEFAULTS[key])
-    g = p.add_argument_group("run")
-    g.add_argument("--preset", choices=sorted(PRESETS), default=argparse.SUPPRESS if suppress else None,
-                   help="a named recipe that sets many options at once (flags you give still win): "
-                        "d2l = d2l.ai's VGG-11 run (width 1/4, 224x224, SGD lr 0.05, xavier, 10 epochs, "
-                        "batch 128); d2l-adam = the same with Adam lr 1e-4")
-    g.add_argument("--device", default=D("device"), help="cpu, gpu or gpu:N (a GPU needs CuPy)")
-    g.add_argument("--seed", type=int, default=D("seed"),
-                   help="seeds weight init, dropout, the validation split, shuffling and augmentation")
-    g.add_argument("--out", default=D("out"), metavar="DIR",
-                   help="where checkpoints, history and plots go (default: runs/<model>-<dataset>)")
-    g.add_argument("--resume", default=D("resume"), metavar="PATH",
-                   help="continue from a checkpoint (last.npz), bit-exactly on the CPU: every option the run "
-                        "was started with is read from it; a typed --epochs is the new total, and options "
-                        "the run cannot change (network, data split, optimizer, --lr ...) are refused")
-    g.add_argument("--max-steps", type=int, default=D("max_steps"), metavar="N",
-                   help="stop after N optimizer steps in total (smoke tests; a checkpoint is written)")
-    g.add_argument("--patience", type=int, default=D("patience"), metavar="N",
-                   help="early stopping: stop after N epochs without a better validation accuracy")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=D("progress"),
-                   help="show progress bars")
-    g.add_argument("--plots", action=argparse.BooleanOptionalAction, default=D("plots"),
-                   help="draw PNG plots every epoch")
-    g.add_argument("--grad-flow", type=int, nargs="?", const=100, default=D("grad_flow"), metavar="STEPS",
-                   help="write grad_flow.png: every layer's weight-gradient norm over the first STEPS "
-                        "optimizer steps (100 if no number is given); shows vanishing or exploding gradients")
-
-    g = p.add_argument_group("data parallel (pip install -e '.[mpi]'; start with mpirun -n K)")
-    g.add_argument("--distributed", action=argparse.BooleanOptionalAction, default=D("distributed"),
-                   help="train one model on the K processes mpirun started: each takes 1/K of every "
-                        "--batch-size batch and the gradients are averaged before every step (MPI on the "
-                        "CPU, NCCL on GPUs: rank r uses gpu:r of its machine); rank 0 alone writes --out")
-    g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=D("sync_bn"),
-                   help="with --distributed: BatchNorm statistics over the whole global batch (all ranks), "
-                        "instead of each rank's own share")
-
-    g = p.add_argument_group("model")
-    g.add_argument("--model", choices=["vgg11", "vgg13", "vgg16", "vgg19"], default=D("model"),
-                   help="VGG depth: 11, 13, 16 or 19 weight layers (configurations A, B, D, E)")
-    g.add_argument("--bn", action=argparse.BooleanOptionalAction, default=D("bn"),
-                   help="BatchNorm after every convolution (vgg11_bn ...); trains faster and more stably")
-    g.add_argument("--width-ratio", type=int, default=D("width_ratio"), metavar="R",
-                   help="divide every conv channel count by R (64..512 -> 64/R..512/R); "
-                        "R=1 is the paper's VGG, d2l uses 4")
-    g.add_argument("--head", choices=["classic", "gap"], default=D("head"),
-                   help="classic = adaptive average pool to --pool-size, then Linear layers of --hidden "
-                        "widths; gap = global average pool + one Linear")
-    g.add_argument("--hidden", type=hidden_widths, default=D("hidden"), metavar="W1,W2",
-                   help="widths of the classic head's hidden Linear layers (4096,4096 in the paper; "
-                        "'none' for a single Linear)")
-    g.add_argument("--pool-size", type=int, default=D("pool_size"), metavar="P",
-                   help="the classic head pools the last feature map to PxP (7 as torchvision at "
-                        "224x224; 1 suits 32x32 inputs, whose last map is 1x1)")
-    g.add_argument("--dropout", type=float, default=D("dropout"), help="dropout after each hidden Linear")
-    g.add_argument("--init", choices=["kaiming", "xavier"], default=D("init"),
-                   help="weight init: kaiming (torchvision's) or xavier (d2l's)")
-    g.add_argument("--init-from", default=D("init_from"), metavar="PATH",
-                   help="copy the convolutional weights (features.*) from a minivgg checkpoint before "
-                        "training, for fine-tuning; the head starts fresh")
-    g.add_argument("--freeze-features", action=argparse.BooleanOptionalAction, default=D("freeze_features"),
-                   help="train only the head: the convolutional layers keep their weights")
-
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=D("dataset"), metavar="NAME",
-                   help="fashion-mnist, or folder:PATH for a folder with one sub-folder of images per class "
-                        "(20%% of it is held out for validation)")
-    g.add_argument("--data-dir", default=D("data_dir"), metavar="DIR",
-                   help="folder holding the Fashion-MNIST .gz files (searched first; then $MINIVGG_DATA, "
-                        "~/.cache/minivgg, /usr/share/datasets/fashion-mnist)")
-    g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=D("stream"),
-                   help="folder: datasets only: decode images batch by batch with worker threads instead of "
-                        "loading the folder into memory first (for folders larger than memory); the same batches, "
-                        "except that mean/std come from 2,000 sampled training images when there are more")
-    g.add_argument("--download", action=argparse.BooleanOptionalAction, default=D("download"),
-                   help="download Fashion-MNIST when it is not found")
-    g.add_argument("--image-size", type=int, default=D("image_size"), metavar="S",
-                   help="resize images to SxS (at least 32: VGG halves the image 5 times)")
-    g.add_argument("--channels", type=int, choices=[1, 3], default=D("channels"),
-                   help="1 (gray) or 3 (RGB) input channels (default: 1 for Fashion-MNIST, 3 for a folder)")
-    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=D("augment"),
-                   help="random horizontal flips and random crops of the training images")
-    g.add_argument("--crop-padding", type=int, default=D("crop_padding"), metavar="P",
-                   help="with --augment: pad by P pixels, then crop back at random (0 = flips only; "
-                        "S/8, e.g. 4 at 32x32, is the usual choice)")
-    g.add_argument("--skip-bad-images", action=argparse.BooleanOptionalAction, default=D("skip_bad_images"),
-                   help="with --dataset folder:PATH, leave out images that cannot be read (each is named in a "
-                        "warning) instead of stopping; not with --stream, which reads each image only when its "
-                        "batch is built")
-    g.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=D("normalize"),
-                   help="subtract the training set's mean and divide by its std, per channel")
-    g.add_argument("--train-subset", type=int, default=D("train_subset"), metavar="N",
-                   help="train on only N images (quick runs); validation shrinks to N/10 unless --val-size")
-    g.add_argument("--val-size", type=int, default=D("val_size"), metavar="N",
-                   help="Fashion-MNIST training images held out for validation (best.npz, early "
-                        "stopping); 0 validates on the test set, as d2l does")
-    g.add_argument("--test-subset", type=int, default=D("test_subset"), metavar="N",
-                   help="evaluate the final model on only N test images")
-
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=D("epochs"), help="total number of epochs")
-    g.add_argument("--batch-size", type=int, default=D("batch_size"), help="images per micro-batch")
-    g.add_argument("--accum-steps", type=int, default=D("accum_steps"), metavar="K",
-                   help="accumulate gradients over K micro-batches per optimizer step "
-                        "(an effective batch of K x --batch-size in the memory of one)")
-    g.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default=D("optimizer"),
-                   help="adam, adamw (decoupled weight decay) or sgd (with --momentum)")
-    g.add_argument("--lr", type=float, default=D("lr"), help="peak learning rate")
-    g.add_argument("--momentum", type=float, default=D("momentum"), help="SGD momentum")
-    g.add_argument("--weight-decay", type=float, default=D("weight_decay"),
-                   help="L2 penalty (sgd, adam) or decoupled decay (adamw)")
-    g.add_argument("--schedule", choices=["none", "step", "exp", "cosine"], default=D("schedule"),
-                   help="learning-rate schedule over the epochs: constant, step (x0.1 every epochs/3), "
-                        "exponential (x0.92 per epoch) or cosine to 0")
-    g.add_argument("--warmup", type=float, default=D("warmup"), metavar="EPOCHS",
-                   help="ramp the learning rate up linearly over this many epochs (fractions allowed)")
-    g.add_argument("--label-smoothing", type=float, default=D("label_smoothing"), metavar="EPS",
-                   help="train against (1-EPS) one-hot + EPS/K targets")
-    g.add_argument("--clip-norm", type=float, default=D("clip_norm"), metavar="C",
-                   help="clip the global gradient norm to C before each step")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=D("amp"),
-                   help="mixed precision: float16 forward and backward, float32 master weights, optimizer, "
-                        "BatchNorm and loss, dynamic loss scaling (minivgg/amp.py); made for GPUs, slower "
-                        "on the CPU")
-    g.add_argument("--amp-growth-interval", type=int, default=D("amp_growth_interval"), metavar="N",
-                   help="with --amp: double the loss scale after N steps without inf/NaN gradients "
-                        "(it halves, and the step is skipped, on any)")
-    return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -268,26 +220,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = make_parser().parse_args(argv)
     given = vars(make_parser(suppress=True).parse_args(argv))
-    merged = dict(DEFAULTS)
-    if args.preset:
-        merged.update(PRESETS[args.preset])
-    chosen = set(given)
+    saved, chosen = None, set(given)
     if args.resume:
         saved = saved_options(args.resume)
         if "init_from" in given:
             raise UsageError("--init-from cannot be used with --resume: the checkpoint holds every weight")
-        for k in FIXED_ON_RESUME:
-            if k in given and k in saved and _same(k, given[k]) != _same(k, saved[k]):
-                raise UsageError(f"--{k.replace('_', '-')} {given[k]!r} cannot change on --resume: the run was "
-                                 f"started with {saved[k]!r} (start a new run with --out to change it)")
-        merged.update({k: v for k, v in saved.items() if k in RUN_OPTIONS})
         if "given" in saved:   # saved by this version: its options are the values the run used
-            chosen |= {k for k in saved if k in RUN_OPTIONS}
-    merged.update(given)
-    merged["preset"] = args.preset
+            chosen |= {k for k in saved if k in RESTORED}
+    merged = option_table.resolve(OPTIONS, given, saved, PRESETS.get(args.preset), same=_same)
     merged["given"] = sorted(chosen)         # options typed, or recorded by the resumed run
     merged["hidden"] = _same("hidden", merged["hidden"])
     return argparse.Namespace(**merged)
+
+
+RESTORED = option_table.names(OPTIONS, FIXED) + option_table.names(OPTIONS, MAY_CHANGE)   # taken from a checkpoint
 
 
 def _same(key, value):
@@ -298,8 +244,18 @@ def _same(key, value):
 
 
 def saved_options(path) -> dict:
+    return saved_extra(path).get("args", {})
+
+
+def saved_extra(path) -> dict:
+    """A checkpoint's extra (the options and data the run was started with), read once per path."""
     from minivgg.train import load_checkpoint
-    return load_checkpoint(path)["extra"].get("args", {})
+    if path not in _SAVED:
+        _SAVED[path] = load_checkpoint(path)["extra"]
+    return _SAVED[path]
+
+
+_SAVED: dict = {}
 
 
 def check_args(args) -> None:
@@ -328,9 +284,9 @@ def check_args(args) -> None:
         raise UsageError(f"--dataset must be fashion-mnist or folder:PATH, got {args.dataset!r}")
     if args.stream and not args.dataset.startswith("folder:"):
         raise UsageError("--stream reads image folders only (--dataset folder:PATH); Fashion-MNIST fits in memory")
-    if args.stream and args.skip_bad_images:
-        raise UsageError("--skip-bad-images reads every image before training, and --stream reads each only when "
-                         "its batch is built (an unreadable one then stops the run, named); use one of the two")
+    if args.amp and args.distributed:
+        raise UsageError("--amp with --distributed is not supported yet (the overflow flag would need an "
+                         "all-reduce over the ranks); leave out one of the two")
     if args.dataset.startswith("folder:") and not args.dataset[len("folder:"):].strip():
         raise UsageError("--dataset folder: needs the folder's path after the colon, e.g. folder:photos")
     if args.dataset.startswith("folder:") and not Path(args.dataset[len("folder:"):]).is_dir():
@@ -360,71 +316,61 @@ def check_out(out: Path) -> None:
 
 
 # -- data ------------------------------------------------------------------------------------
-def load_data(args) -> dict:
-    """uint8 (N, C, H, W) train / val / test arrays, class names and normalisation statistics."""
-    import warnings
-    from minivgg.data import (FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, ImageFolder,
-                              StreamingImageFolder, compute_mean_std, load_fashion_mnist, prepare_images,
-                              sample_mean_std)
+def load_data(args):
+    """The run's data (minivgg.data.load_dataset), with what the command line decides around it: the
+    validation size a --train-subset run uses, the warning for skipped images, --no-normalize."""
+    from minivgg.data import DataError, load_dataset
     from minivgg.data.folder import UnreadableImagesError
-    size = (args.image_size, args.image_size)
-    if args.dataset.startswith("folder:"):
-        root = args.dataset[len("folder:"):]
-        channels = args.channels or 3
-        try:
-            with warnings.catch_warnings():   # the skipped images are named below, once
-                warnings.simplefilter("ignore")
-                if args.stream:   # decoded batch by batch: memory holds a few batches, not the folder
-                    folder = StreamingImageFolder(root, image_size=size, channels=channels, val_fraction=0.2,
-                                                  seed=args.seed)
-                else:
-                    folder = ImageFolder(root, image_size=size, channels=channels, val_fraction=0.2, seed=args.seed,
-                                         skip_bad=args.skip_bad_images)
-        except UnreadableImagesError as e:
-            raise UsageError(f"{len(e.skipped)} unreadable image(s) in {root} (--skip-bad-images leaves them "
-                             "out): " + "; ".join(f"{p} ({why})" for p, why in e.skipped)) from None
-        if getattr(folder, "skipped", None):
-            print(f"warning: --skip-bad-images left out {len(folder.skipped)} unreadable image(s): "
-                  + ", ".join(str(p) for p, _ in folder.skipped), file=sys.stderr)
-        if len(folder.val[0]) == 0:
-            raise UsageError(f"{root}: too few images to hold any out for validation (need 5 or more per class)")
-        train, val = folder.train, folder.val
-        if args.train_subset:
-            train = (train[0][:args.train_subset], train[1][:args.train_subset])
-        test = val if not args.test_subset else (val[0][:args.test_subset], val[1][:args.test_subset])
-        names, test_name = list(folder.classes), "validation split"
-        mean, std = sample_mean_std(train[0], seed=args.seed) if args.stream else compute_mean_std(train[0])
-        flat = [c for c in range(channels) if std[c] == 0]
-        if flat and args.normalize:
-            raise UsageError(f"channel(s) {flat} of the training images are constant (std 0): normalising "
-                             "would divide by zero; pass --no-normalize")
-    else:
-        channels = args.channels or 1
-        images, labels = load_fashion_mnist("train", args.data_dir, download=args.download)
-        order = np.random.default_rng(args.seed).permutation(len(images))   # the validation split
-        val_size = args.val_size
-        if val_size >= len(images):
-            raise UsageError(f"--val-size {val_size} leaves no training images: the training set has "
-                             f"{len(images):,}")
-        if args.train_subset and "val_size" not in args.given:
-            val_size = min(val_size, max(args.train_subset // 10, 1)) if val_size else 0
-        args.val_size = val_size   # recorded as used, so a resumed run splits the same way
-        val_idx, train_idx = order[:val_size], order[val_size:]
-        if args.train_subset:
-            train_idx = train_idx[:args.train_subset]
-        test_images, test_labels = load_fashion_mnist("test", args.data_dir, download=args.download)
-        if args.test_subset:
-            test_images, test_labels = test_images[:args.test_subset], test_labels[:args.test_subset]
-        prep = lambda a: prepare_images(a, size=size, channels=channels)   # noqa: E731
-        train = (prep(images[train_idx]), labels[train_idx])
-        test = (prep(test_images), test_labels)
-        val = (prep(images[val_idx]), labels[val_idx]) if val_size else test
-        names, test_name = list(FASHION_MNIST_CLASSES), "test set"
-        mean, std = FASHION_MNIST_MEAN * channels, FASHION_MNIST_STD * channels
+    val_size = args.val_size
+    if args.dataset == "fashion-mnist" and args.train_subset and "val_size" not in args.given:
+        val_size = min(val_size, max(args.train_subset // 10, 1)) if val_size else 0
+    try:
+        data = load_dataset(args.dataset, args.image_size, args.channels, args.seed, data_dir=args.data_dir,
+                            download=args.download, val_size=val_size, train_subset=args.train_subset,
+                            test_subset=args.test_subset, stream=args.stream, skip_bad=args.skip_bad_images)
+    except UnreadableImagesError as e:
+        raise UsageError(f"{len(e.skipped)} unreadable image(s) in {args.dataset[len('folder:'):]} "
+                         "(--skip-bad-images leaves them out): "
+                         + "; ".join(f"{p} ({why})" for p, why in e.skipped)) from None
+    except DataError as e:
+        if e.param and str(e).startswith(e.param):   # a value asked for: say it as the flag
+            raise UsageError("--" + e.param.replace("_", "-") + str(e)[len(e.param):]) from None
+        raise
+    if args.dataset == "fashion-mnist":
+        args.val_size = data.val_size   # recorded as used, so a resumed run splits the same way
+    if data.skipped:
+        print(f"warning: --skip-bad-images left out {len(data.skipped)} unreadable image(s): "
+              + ", ".join(str(p) for p, _ in data.skipped), file=sys.stderr)
+    C = data.channels
+    flat = [c for c in range(C) if data.std[c] == 0]
+    if flat and args.normalize:
+        raise UsageError(f"channel(s) {flat} of the training images are constant (std 0): normalising "
+                         "would divide by zero; pass --no-normalize")
     if not args.normalize:
-        mean, std = (0.0,) * channels, (1.0,) * channels
-    return {"train": train, "val": val, "test": test, "classes": names, "channels": channels,
-            "test_name": test_name, "mean": tuple(mean), "std": tuple(std)}
+        data.mean, data.std = (0.0,) * C, (1.0,) * C
+    return data
+
+
+def data_record(data) -> dict:
+    """What a checkpoint's extra records of the data: {"data": a folder's file count and digest}, checked on
+    resume ({} for Fashion-MNIST)."""
+    return {"data": {"files": data.files, "files_digest": data.files_digest}} if data.files_digest else {}
+
+
+def check_same_folder(args, data) -> None:
+    """A resumed folder run refuses a folder whose file list changed: its split would be drawn anew."""
+    if not data.files_digest:
+        return
+    saved = saved_extra(args.resume).get("data", {})
+    if "files_digest" not in saved:
+        print(f"warning: {args.resume} does not record the file list of {args.dataset[len('folder:'):]} (saved "
+              "by an older version): the train/validation split is drawn from the folder as it is now",
+              file=sys.stderr)
+    elif saved["files_digest"] != data.files_digest:
+        raise UsageError(f"--dataset {args.dataset}: the folder's file list changed since {args.resume} was "
+                         f"saved ({saved['files']:,} image files then, {data.files:,} now), so the "
+                         "train/validation split would be drawn from other files; put the folder back as it "
+                         "was, or start a new run (--out) on the folder as it is")
 
 
 def make_loaders(args, data, dist=None):
@@ -436,17 +382,17 @@ def make_loaders(args, data, dist=None):
         pad = s // 8 if args.crop_padding is None else args.crop_padding
         steps = [transforms.RandomCrop(s, padding=pad)] if pad > 0 else []
         augment = transforms.Compose(steps + [transforms.RandomHorizontalFlip()])
-    norm = (data["mean"], data["std"])
+    norm = (data.mean, data.std)
     common = dict(batch_size=args.batch_size, normalize=norm, device=args.device)
     if dist is not None:   # data parallel: evaluation sets split in K consecutive parts
-        train = ShardedLoader(*data["train"], rank=dist.rank, world=dist.world, shuffle=True, seed=args.seed,
+        train = ShardedLoader(*data.train, rank=dist.rank, world=dist.world, shuffle=True, seed=args.seed,
                               transform=augment, **common)
         part = lambda a: tuple(v[slice(*shard_bounds(len(a[1]), dist.rank, dist.world))] for v in a)  # noqa: E731
-        return (train, DataLoader(*part(data["val"]), shuffle=False, **common),
-                DataLoader(*part(data["test"]), shuffle=False, **common))
-    train = DataLoader(*data["train"], shuffle=True, seed=args.seed, transform=augment, **common)
-    val = DataLoader(*data["val"], shuffle=False, **common)
-    test = DataLoader(*data["test"], shuffle=False, **common)
+        return (train, DataLoader(*part(data.val), shuffle=False, **common),
+                DataLoader(*part(data.test), shuffle=False, **common))
+    train = DataLoader(*data.train, shuffle=True, seed=args.seed, transform=augment, **common)
+    val = DataLoader(*data.val, shuffle=False, **common)
+    test = DataLoader(*data.test, shuffle=False, **common)
     return train, val, test
 
 
@@ -456,9 +402,12 @@ def make_model(args, num_classes, channels):
     from minivgg.models import VGG
     random_stream.seed(args.seed)
     arch = args.model + ("_bn" if args.bn else "")
-    model = VGG(arch, num_classes=num_classes, in_channels=channels, width_ratio=args.width_ratio,
-                head=args.head, hidden=args.hidden, pool_size=args.pool_size, dropout=args.dropout,
-                init=args.init)
+    try:
+        model = VGG(arch, num_classes=num_classes, in_channels=channels, width_ratio=args.width_ratio,
+                    head=args.head, hidden=args.hidden, pool_size=args.pool_size, dropout=args.dropout,
+                    init=args.init)
+    except ValueError as e:   # VGG checks its arguments (e.g. a --width-ratio that leaves no channels)
+        raise UsageError(f"the model cannot be built from these options: {e}") from None
     if args.init_from:
         copy_features(model, args.init_from)
     return model.to(args.device)
@@ -495,8 +444,14 @@ def start_distributed(args):
     """Join the MPI job: the rank's device, rank 0 alone prints, draws progress bars and plots."""
     import os
     from minivgg import distributed
-    dist = distributed.init(args.device)
+    try:
+        dist = distributed.init(args.device)
+    except RuntimeError as e:   # no mpi4py, or fewer GPUs than ranks: what to install or change
+        raise UsageError(str(e)) from None
     dist.install_excepthook()
+    if args.batch_size < dist.world:
+        raise UsageError(f"--batch-size {args.batch_size} is the global batch: {dist.world} ranks need at least "
+                         f"{dist.world} (one image per rank per step)")
     args.device = dist.device
     if not dist.is_root:
         args.progress = args.plots = False
@@ -510,11 +465,16 @@ def start_distributed(args):
 
 def join_model(args, dist, model, data, train_loader) -> None:
     """Check every rank was given the same run, then start every copy from rank 0's weights."""
+    from minivgg.data import data_digest
     from minivgg.layers.sync_norm import convert_sync_batchnorm
     per_rank = ("device", "progress", "plots", "grad_flow", "given", "out")
-    dist.check_same({"options": {k: v for k, v in vars(args).items() if k not in per_rank},
-                     "model": model.config, "training images": len(data["train"][1]),
-                     "steps per epoch": len(train_loader), "classes": data["classes"]})
+    try:   # the data too: the same path may hold other files on another machine
+        dist.check_same({"options": {k: v for k, v in vars(args).items() if k not in per_rank},
+                         "model": model.config, "training images": len(data.train[1]),
+                         "steps per epoch": len(train_loader), "classes": data.classes,
+                         "data": {"digest": data_digest(data)[:16], "mean": data.mean, "std": data.std}})
+    except ValueError as e:   # check_same's one error: the ranks disagree
+        raise UsageError(str(e)) from None
     if args.sync_bn:
         convert_sync_batchnorm(model, dist.engine)
     dist.broadcast_model(model)
@@ -526,7 +486,7 @@ def run(args) -> int:
     from minivgg.amp import LossScaler
     from minivgg.losses import SoftmaxCrossEntropy
     from minivgg.models import draw_architecture, summary
-    from minivgg.train import NonFiniteLossError, Trainer, evaluate, freeze_features, load_checkpoint
+    from minivgg.train import NonFiniteLossError, Trainer, freeze_features, load_checkpoint
     from minivgg.train.files import atomic_write_text
     from minivgg.train.plots import GradFlowRecorder, plot_confusion
 
@@ -535,20 +495,25 @@ def run(args) -> int:
     if args.sync_bn and dist is None:
         print("note: --sync-bn acts only with --distributed (one process: BatchNorm already sees the whole "
               "batch)", file=sys.stderr)
-    backend.get_xp(args.device)   # a missing GPU fails here, with what to install
+    try:
+        backend.get_xp(args.device)   # a missing GPU fails here, with what to install
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"--device {args.device}: {e}") from None
     out = Path(args.out or f"runs/{args.model}{'_bn' if args.bn else ''}-{args.dataset.replace(':', '-').replace('/', '_')}")
     args.out = str(out)
     check_out(out)
     t0 = time.perf_counter()
     data = load_data(args)
+    if args.resume:
+        check_same_folder(args, data)
     train_loader, val_loader, test_loader = make_loaders(args, data, dist)
-    C, S = data["channels"], args.image_size
-    print(f"data: {len(data['train'][1]):,} training, {len(data['val'][1]):,} validation"
-          f"{' (the test set)' if data['val'] is data['test'] else ''}, {len(data['test'][1]):,} "
-          f"{data['test_name']} images, {C}x{S}x{S}, {len(data['classes'])} classes "
+    C, S = data.channels, args.image_size
+    print(f"data: {len(data.train[1]):,} training, {len(data.val[1]):,} validation"
+          f"{' (the test set)' if data.val is data.test else ''}, {len(data.test[1]):,} "
+          f"{data.test_name} images, {C}x{S}x{S}, {len(data.classes)} classes "
           f"({time.perf_counter() - t0:.1f} s)")
 
-    model = make_model(args, len(data["classes"]), C)
+    model = make_model(args, len(data.classes), C)
     if args.freeze_features:
         freeze_features(model)
     if dist is not None:
@@ -557,11 +522,11 @@ def run(args) -> int:
     opt, sched = make_optimizer(args, model, max(1, len(train_loader) // args.accum_steps))
     extra = {"args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
              "image_size": [S, S], "channels": C,
-             "normalize": {"mean": list(data["mean"]), "std": list(data["std"])}}
+             "normalize": {"mean": list(data.mean), "std": list(data.std)}, **data_record(data)}
     trainer = Trainer(model, opt, train_loader, val_loader=val_loader,
                       loss_fn=SoftmaxCrossEntropy(args.label_smoothing), scheduler=sched, out_dir=out,
                       accum_steps=args.accum_steps, clip_norm=args.clip_norm, patience=args.patience,
-                      class_names=data["classes"], device=args.device, max_steps=args.max_steps,
+                      class_names=data.classes, device=args.device, max_steps=args.max_steps,
                       extra=extra, plots=args.plots, progress=args.progress,
                       skip_input_grad=True,   # the images need no gradient (as in torch)
                       distributed=dist,
@@ -594,23 +559,21 @@ def run(args) -> int:
 
     # the final score: the best checkpoint (by validation accuracy) on the test set
     which = "the final weights"
-    if trainer.best_path.exists() and data["val"] is not data["test"]:
+    if trainer.best_path.exists() and data.val is not data.test:
         best = load_checkpoint(trainer.best_path, model)
         which = f"best.npz (epoch {best['epoch']})"
-    ev = evaluate(model, test_loader)
-    if dist is not None:
-        ev = dist.reduce_evaluation(ev)   # each rank scored its part of the test set
-        if not dist.is_root:
-            return 0
+    ev = trainer.evaluate(test_loader)   # data parallel: each rank scores its part, with rank 0's BN statistics
+    if dist is not None and not dist.is_root:
+        return 0
     if args.plots:
-        plot_confusion(ev["confusion"], data["classes"], out / "test_confusion.png",
-                       title=f"{data['test_name']}, {which}")
+        plot_confusion(ev["confusion"], data.classes, out / "test_confusion.png",
+                       title=f"{data.test_name}, {which}")
     atomic_write_text(out / "test.json", json.dumps({"top1": ev["top1"], "top5": ev["top5"], "loss": ev["loss"],
                                                      "n": ev["n"], "weights": which,
                                                      "confusion": ev["confusion"].tolist()}, indent=1))
-    print(f"{data['test_name']} accuracy: top-1 {ev['top1']:.4f}, top-5 {ev['top5']:.4f} "
+    print(f"{data.test_name} accuracy: top-1 {ev['top1']:.4f}, top-5 {ev['top5']:.4f} "
           f"({ev['n']:,} images, {which})")
-    print("per class: " + ", ".join(f"{name} {acc:.2f}" for name, acc in zip(data["classes"], ev["per_class"])
+    print("per class: " + ", ".join(f"{name} {acc:.2f}" for name, acc in zip(data.classes, ev["per_class"])
                                     if acc == acc))   # (acc != acc: NaN, a class absent from the test images)
     pngs = [p.name for p in sorted(out.glob("*.png"))]
     if pngs:
@@ -621,16 +584,23 @@ def run(args) -> int:
     return 0
 
 
+def bad_input_errors() -> tuple:
+    """What bad input raises: this command's checks (UsageError, OptionError), data that cannot be used
+    (minivgg.data.DataError, DatasetNotFoundError), a checkpoint that cannot be read or does not fit
+    (CheckpointError), a file named that does not exist. Anything else is a bug: it keeps its traceback."""
+    from minivgg.data import DataError, DatasetNotFoundError
+    from minivgg.train import CheckpointError
+    return (UsageError, OptionError, DataError, DatasetNotFoundError, CheckpointError, FileNotFoundError)
+
+
 def main(argv=None) -> int:
     """Run the CLI; bad input is reported in one line (MINIVGG_DEBUG=1 shows the traceback)."""
     import os
     from minivgg.data import DatasetNotFoundError
-    from minivgg.train import CheckpointError
     try:
         args = parse_args(argv)
         return run(args)
-    except (UsageError, DatasetNotFoundError, CheckpointError, FileNotFoundError, ValueError,
-            RuntimeError) as e:
+    except bad_input_errors() as e:
         if os.environ.get("MINIVGG_DEBUG"):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

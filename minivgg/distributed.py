@@ -215,15 +215,25 @@ class Distributed:
             raise ValueError("the ranks disagree at start-up: " + "; ".join(diffs[:5])
                              + (f" (and {len(diffs) - 5} more)" if len(diffs) > 5 else ""))
 
-    def broadcast_model(self, model) -> None:
-        """Copy rank 0's parameters and buffers into every rank's model (start-up, once)."""
-        for name, a in model.state_dict().items():
+    def broadcast_model(self, model, buffers_only: bool = False) -> None:
+        """Copy rank 0's parameters and buffers into every rank's model (start-up, once), or with
+        buffers_only=True its buffers alone (BatchNorm's running statistics, before each evaluation:
+        the rule PyTorch DDP follows by default, broadcast_buffers=True)."""
+        state = model.state_dict()
+        if buffers_only:
+            state = {f"{prefix}.{k}" if prefix else k: a for prefix, m in model.modules() for k, a in m.buffers.items()}
+        for name, a in state.items():
             if backend.is_gpu_array(a) and self.engine.name == "nccl":
                 self.engine.broadcast_(a)
             else:   # NumPy arrays, and 0-d counters: MPI (device arrays through the host)
                 buf = np.ascontiguousarray(backend.to_numpy(a))
                 self.comm.Bcast(buf, root=0)
                 a[...] = buf if not backend.is_gpu_array(a) else backend.to_device(buf, backend.device_of(a))
+
+    def broadcast_buffers(self, model) -> None:
+        """Rank 0's buffers into every rank's model: every rank then evaluates with the statistics
+        that rank 0 saves, so a resumed run evaluates as the uninterrupted one."""
+        self.broadcast_model(model, buffers_only=True)
 
     # -- 3. gradients --------------------------------------------------------------------------
     def allreduce_gradients(self, model, n_local: int):

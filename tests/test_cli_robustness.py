@@ -169,3 +169,35 @@ def test_help_crop_padding_agrees_with_its_default(tmp_path):
     start = text.rindex("--crop-padding P")   # the entry, not the usage line
     help_text = re.match(r"--crop-padding P (.*?\(default: [^)]*\))", text[start:]).group(1)
     assert "(default: 0)" in help_text and "default S/8" not in help_text, help_text
+
+
+def test_a_resumed_folder_run_refuses_a_folder_whose_file_list_changed(tmp_path):
+    root = tmp_path / "photos"
+    image_tree(root, ["cat", "dog"], n=6)
+    out = tmp_path / "run"
+    run = [*TINY, "--dataset", f"folder:{root}", "--epochs", "2", "--no-plots", "--out", out]
+    r = cli(TRAIN, *run, "--max-steps", "1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    Image.new("RGB", (36, 36)).save(root / "dog" / "added.png")
+    r = cli(TRAIN, "--resume", out / "last.npz", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"--dataset folder:{root}: the folder's file list changed" in lines[0], r.stderr
+    assert "(12 image files then, 13 now)" in lines[0] and "start a new run" in lines[0], r.stderr
+    (root / "dog" / "added.png").unlink()   # put back as it was: the run continues
+    r = cli(TRAIN, "--resume", out / "last.npz", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0 and "training stopped: completed after 2 epoch(s)" in r.stdout, r.stderr[-3000:]
+
+
+def test_stream_with_skip_bad_images_leaves_out_a_dangling_link_and_says_so(tmp_path):
+    root = tmp_path / "photos"
+    image_tree(root, ["cat", "dog"], n=6)
+    (root / "cat" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    run = [*TINY, "--dataset", f"folder:{root}", "--stream", "--epochs", "1", "--max-steps", "1", "--no-plots",
+           "--out", tmp_path / "run"]
+    r = cli(TRAIN, *run, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "--skip-bad-images" in r.stderr, r.stderr[-3000:]
+    r = cli(TRAIN, *run, "--skip-bad-images", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    warning = [line for line in r.stderr.splitlines() if line.startswith("warning: --skip-bad-images")]
+    assert len(warning) == 1 and "gone.png" in warning[0], r.stderr

@@ -141,8 +141,11 @@ def test_gpu_path_two_ranks_with_sync_bn_equal_one_process(tmp_path):
 
 
 @needs_mpi
-def test_resume_on_two_ranks_is_exact(tmp_path):
-    common = ("--bn", "sync", "--eps", "1e-4", "--epochs", "2")
+@pytest.mark.parametrize("bn", ["sync", "local"])
+def test_resume_on_two_ranks_is_exact(tmp_path, bn):
+    # local: per-rank BatchNorm; every rank evaluates with rank 0's running statistics (the ones saved), so
+    # the resumed run's validation history is the uninterrupted run's too (docs/DISTRIBUTED.md)
+    common = ("--bn", bn, "--eps", "1e-4", "--epochs", "2")
     worker(*common, "--out", tmp_path / "straight.npz", ranks=2)
     ck = tmp_path / "ck"
     worker(*common, "--max-steps", "4", "--ckpt-dir", ck, "--out", tmp_path / "stopped.npz", ranks=2)
@@ -556,6 +559,24 @@ def test_cli_ranks_started_with_different_options_stop_with_the_option_named(tmp
     assert "error: the ranks disagree at start-up: model.width_ratio is 32 on rank 1 but 64 on rank 0" in err
     assert "options.width_ratio is 32 on rank 1 but 64 on rank 0" in err
     assert "stopping all ranks (MPI Abort)" in err
+
+
+@needs_mpi
+def test_ranks_reading_different_data_behind_the_same_path_stop_at_start_up(tmp_path):
+    from test_cli_robustness import image_tree
+    image_tree(tmp_path / "rank0" / "photos", ["cat", "dog"], n=5, seed=0)
+    image_tree(tmp_path / "rank1" / "photos", ["cat", "dog"], n=5, seed=1)   # same names, other pixels
+    run = [sys.executable, str(TRAIN), "--width-ratio", "64", "--hidden", "16", "--batch-size", "4", "--no-progress",
+           "--no-plots", "--dataset", "folder:photos", "--epochs", "1", "--max-steps", "1", "--distributed",
+           "--out", str(tmp_path / "run")]
+    mpirun = mpirun_command(1)
+    wdir = "--wdir" if "--oversubscribe" in mpirun else "-wdir"   # Open MPI, MPICH
+    cmd = mpirun + [wdir, str(tmp_path / "rank0")] + run + [":", "-n", "1", wdir, str(tmp_path / "rank1")] + run
+    rc, out, err, _ = _run(cmd, timeout=120)
+    assert rc != 0
+    assert "error: the ranks disagree at start-up: data.digest is" in err and "on rank 1 but" in err, err[-3000:]
+    assert "data.mean is" in err   # each would normalise by its own statistics
+    assert "options." not in err and "training images" not in err   # the same options and sizes
 
 
 def test_without_mpi4py_the_error_says_what_to_install(monkeypatch):

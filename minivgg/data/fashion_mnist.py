@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .errors import DataError
 from .idx import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, parse_idx, read_idx_bytes
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -132,14 +133,14 @@ def load_fashion_mnist(split: str = "train", data_dir=None, download: bool = Tru
     images = _load_checked(image_path, IDX_IMAGES_MAGIC, verify)
     labels = _load_checked(label_path, IDX_LABELS_MAGIC, verify)
     if images.shape[1:] != IMAGE_SHAPE:
-        raise ValueError(f"{image_path}: images are {images.shape[1]}x{images.shape[2]}, "
+        raise DataError(f"{image_path}: images are {images.shape[1]}x{images.shape[2]}, "
                          f"Fashion-MNIST's are {IMAGE_SHAPE[0]}x{IMAGE_SHAPE[1]}")
     if len(images) != len(labels):
-        raise ValueError(f"{image_path} holds {len(images)} images but {label_path} "
+        raise DataError(f"{image_path} holds {len(images)} images but {label_path} "
                          f"holds {len(labels)} labels")
     if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
         bad = int(np.argmax(labels >= len(FASHION_MNIST_CLASSES)))
-        raise ValueError(f"{label_path}: label {int(labels[bad])} at index {bad} is out of range "
+        raise DataError(f"{label_path}: label {int(labels[bad])} at index {bad} is out of range "
                          f"0..{len(FASHION_MNIST_CLASSES) - 1}")
     return images, labels.astype(np.int64)
 
@@ -157,7 +158,7 @@ def _load_checked(path: Path, magic: int, verify: bool) -> np.ndarray:
         expected = CHECKSUMS[name].raw_sha256
         got = hashlib.sha256(data).hexdigest()
         if got != expected:
-            raise ValueError(f"{path}: checksum mismatch, the decompressed file has SHA-256 {got}, "
+            raise DataError(f"{path}: checksum mismatch, the decompressed file has SHA-256 {got}, "
                              f"expected {expected}. The file is damaged or not Fashion-MNIST: "
                              "delete it and fetch it again (or pass verify=False for your own files)")
     return parse_idx(data, path, magic)

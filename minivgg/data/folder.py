@@ -16,6 +16,8 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from .errors import DataError
+
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".pbm",
                   ".tif", ".tiff", ".webp")
 
@@ -62,7 +64,7 @@ def _chw(img: Image.Image) -> np.ndarray:
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 
-class TooManyPixelsError(ValueError):
+class TooManyPixelsError(DataError):
     """An image whose header announces more pixels than the caller accepts (a decompression bomb)."""
 
 
@@ -70,15 +72,15 @@ def load_image(path, image_size=None, channels: int = 3, max_pixels: int | None 
     """One image file of any size and mode -> uint8 (C, H, W); EXIF orientation applied.
 
     image_size: (H, W), an int for a square, or None to keep the file's size.
-    max_pixels: refuse (ValueError) a file whose header says it has more pixels, before decoding.
+    max_pixels: refuse (TooManyPixelsError) a file whose header says it has more pixels, before decoding.
     A missing file is a FileNotFoundError; an unreadable or truncated one a
-    ValueError naming the path. The EXIF transpose works in place (no second full-size copy).
+    DataError (a ValueError) naming the path. The EXIF transpose works in place (no second full-size copy).
     """
     path = Path(path)
     size_hw, channels = _size_hw(image_size), _check_channels(channels)
     if not path.is_file():
         if path.is_symlink():   # listed by a folder: an unreadable image, which skip_bad can drop
-            raise ValueError(f"cannot read image {path}: a dangling symbolic link (to {os.readlink(path)})")
+            raise DataError(f"cannot read image {path}: a dangling symbolic link (to {os.readlink(path)})")
         raise FileNotFoundError(f"no image file at {path}")
     try:
         with Image.open(path) as img:
@@ -94,7 +96,7 @@ def load_image(path, image_size=None, channels: int = 3, max_pixels: int | None 
     except TooManyPixelsError:
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error ...
-        raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
 
 def prepare_images(images, size=None, channels: int = 1, progress=None) -> np.ndarray:
@@ -185,7 +187,7 @@ def list_images(folder: Path, root: Path | None = None) -> list[Path]:
     return found
 
 
-class UnreadableImagesError(ValueError):
+class UnreadableImagesError(DataError):
     """Images that could not be decoded; .skipped is [(path, reason)] for every one of them."""
 
     def __init__(self, message, skipped):
@@ -209,17 +211,17 @@ def find_classes(root: Path) -> tuple[list[str], list[list[Path]]]:
         raise FileNotFoundError(f"image folder {root} does not exist or is not a folder")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not _is_hidden(d.name))
     if not classes:
-        raise ValueError(f"{root} has no class sub-folders: expected root/<class>/<image> "
+        raise DataError(f"{root} has no class sub-folders: expected root/<class>/<image> "
                          "(for example root/cat/1.jpg, root/dog/2.jpg)")
     if len(classes) == 1:   # a 1-class "classifier" is 100% right and useless
         inner = root / classes[0]
-        raise ValueError(f"{root} has one class sub-folder ({classes[0]}); a classifier needs 2 or more"
+        raise DataError(f"{root} has one class sub-folder ({classes[0]}); a classifier needs 2 or more"
                          + (f". The class folders may be one level down: try {inner}"
                             if any(d.is_dir() and not _is_hidden(d.name) for d in inner.iterdir()) else ""))
     per_class = [list_images(root / c, root) for c in classes]
     empty = [str(root / c) for c, files in zip(classes, per_class) if not files]
     if empty:
-        raise ValueError(f"class folder(s) with no images ({', '.join(IMG_EXTENSIONS)}): " + ", ".join(empty))
+        raise DataError(f"class folder(s) with no images ({', '.join(IMG_EXTENSIONS)}): " + ", ".join(empty))
     return classes, per_class
 
 
@@ -314,7 +316,7 @@ class ImageFolder:
             left = np.bincount([self.samples[i][1] for i in order[ok]], minlength=len(self.classes))
             gone = [str(self.root / c) for c, m in zip(self.classes, left) if m == 0]
             if gone:
-                raise ValueError(f"no readable images left in class folder(s): {', '.join(gone)}")
+                raise DataError(f"no readable images left in class folder(s): {', '.join(gone)}")
         return images, ok
 
     def __len__(self) -> int:

@@ -3,7 +3,7 @@
 An IDX file is a 4-byte magic number, one big-endian int32 per dimension, then the
 array in C order, big-endian. The magic is 0x00 0x00 <type code> <ndim>, so
 2051 = 0x0803 is a 3-D uint8 array (images N x H x W) and 2049 = 0x0801 a 1-D
-uint8 array (labels N). A file that breaks the format is a ValueError that names
+uint8 array (labels N). A file that breaks the format is a DataError (a ValueError) that names
 the path and what was wrong, never an assert.
 """
 from __future__ import annotations
@@ -13,6 +13,8 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+
+from .errors import DataError
 
 IDX_IMAGES_MAGIC = 2051  # uint8, 3 dims: (N, H, W)
 IDX_LABELS_MAGIC = 2049  # uint8, 1 dim:  (N,)
@@ -32,7 +34,7 @@ def read_idx_bytes(path) -> bytes:
     try:
         return gzip.decompress(data)
     except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
-        raise ValueError(f"{path}: corrupt or truncated gzip file ({e})") from e
+        raise DataError(f"{path}: corrupt or truncated gzip file ({e})") from e
 
 
 def parse_idx(data: bytes, path="<bytes>", expected_magic: int | None = None) -> np.ndarray:
@@ -42,24 +44,24 @@ def parse_idx(data: bytes, path="<bytes>", expected_magic: int | None = None) ->
     other magic number is an error (an image file passed where labels belong).
     """
     if len(data) < 4:
-        raise ValueError(f"{path}: only {len(data)} bytes, too short for an IDX header")
+        raise DataError(f"{path}: only {len(data)} bytes, too short for an IDX header")
     magic = int.from_bytes(data[:4], "big")
     zero, code, ndim = int.from_bytes(data[:2], "big"), data[2], data[3]
     if zero != 0 or code not in _DTYPES or ndim == 0:
-        raise ValueError(f"{path}: bad IDX magic number {magic} (0x{magic:08x}); expected "
+        raise DataError(f"{path}: bad IDX magic number {magic} (0x{magic:08x}); expected "
                          f"{expected_magic or '0x0000TTDD (T: type code, D: dims)'}")
     if expected_magic is not None and magic != expected_magic:
-        raise ValueError(f"{path}: IDX magic number is {magic}, expected {expected_magic} "
+        raise DataError(f"{path}: IDX magic number is {magic}, expected {expected_magic} "
                          f"({'images' if expected_magic == IDX_IMAGES_MAGIC else 'labels'})")
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise ValueError(f"{path}: truncated IDX header ({len(data)} bytes, need {header} for {ndim} dims)")
+        raise DataError(f"{path}: truncated IDX header ({len(data)} bytes, need {header} for {ndim} dims)")
     dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     dtype = _DTYPES[code]
     expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
     if len(data) != expected:
         what = "truncated" if len(data) < expected else "has trailing bytes"
-        raise ValueError(f"{path}: file {what}: header says shape {dims} of {dtype.name} "
+        raise DataError(f"{path}: file {what}: header says shape {dims} of {dtype.name} "
                          f"({expected} bytes in all), file holds {len(data)} bytes")
     array = np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
     return array.astype(dtype.newbyteorder("="))  # copies: the result owns writable memory

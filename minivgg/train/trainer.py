@@ -24,8 +24,9 @@ from .. import backend
 from ..amp import LossScaler, MixedPrecision
 from ..losses import SoftmaxCrossEntropy
 from . import records
-from .checkpoint import atomic_savez, checkpoint_arrays, load_checkpoint
+from .checkpoint import CheckpointError, atomic_savez, checkpoint_arrays, load_checkpoint
 from .files import remove_stale_temps
+from .hooks import DataParallel, Float32, Mixed, OneProcess
 from .metrics import evaluate
 
 
@@ -124,6 +125,9 @@ class Trainer:
                   forward and backward run in float16, the model, optimizer and loss stay
                   float32, a step whose gradients overflow is skipped (it still counts)
 
+    Precision (float32 or amp) and layout (one process or data parallel) are the two hooks of
+    hooks.py, .precision and .layout: train_epoch calls them and nothing else of either.
+
     Without a val_loader, best.npz follows the training accuracy.
     """
 
@@ -144,8 +148,9 @@ class Trainer:
                              "would need an all-reduce over the ranks)")
         self.amp = None if amp in (False, None) else \
             MixedPrecision(self.model, amp if isinstance(amp, LossScaler) else LossScaler())
-        self._found_inf = None         # amp: 0-d device flag, a gradient of the step under way overflowed
-        self._overflow = False         # ... and its value once read with the loss
+        # the two hooks a step goes through (hooks.py): float32 or mixed precision; one process or K ranks
+        self.precision = Float32(self.model) if self.amp is None else Mixed(self.amp)
+        self.layout = OneProcess() if distributed is None else DataParallel(distributed)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_loader, self.val_loader = train_loader, val_loader
         self.loss_fn = loss_fn or SoftmaxCrossEntropy()
@@ -158,7 +163,7 @@ class Trainer:
         self.plots, self.progress, self.keep_examples = plots, progress, keep_examples
         self.checkpoints = checkpoints
         self.distributed = distributed
-        self.writes = distributed is None or distributed.is_root   # rank 0 alone writes files
+        self.writes = self.layout.writes   # data parallel: rank 0 alone writes files
         self.explode_factor = explode_factor
         self.first_loss = None         # the run's first training loss: the explosion bound's scale
         self.good = None               # (path, epoch) of the last checkpoint this run wrote or resumed from
@@ -167,6 +172,7 @@ class Trainer:
         self.global_step = 0           # optimizer steps taken
         self.batch_in_epoch = 0        # micro-batches done in the epoch under way
         self.partial = self._fresh_partial()
+        self._group = self._fresh_group()   # the accumulation group under way
         self.history: list[dict] = []
         self.best_metric = None
         self.bad_epochs = 0
@@ -186,11 +192,16 @@ class Trainer:
     def _fresh_partial():
         return {"loss_sum": 0.0, "correct": 0, "seen": 0, "time": 0.0}
 
+    @staticmethod
+    def _fresh_group():
+        """The micro-batches of the optimizer step under way: gradient sums, how many, their images."""
+        return {"sums": {}, "count": 0, "samples": 0}
+
     # -- checkpoints -----------------------------------------------------------------------
     def _arrays(self):
         extra = dict(self.extra)
         extra["class_names"] = self.class_names
-        partial = self.distributed.reduce_partial(self.partial) if self.distributed else self.partial
+        partial = self.layout.sum_epoch(self.partial)
         extra["trainer"] = {"batch_in_epoch": self.batch_in_epoch, "partial": partial,
                             "bad_epochs": self.bad_epochs, "accum_steps": self.accum_steps,
                             "first_loss": self.first_loss}
@@ -200,12 +211,16 @@ class Trainer:
                                  global_step=self.global_step, best_metric=self.best_metric,
                                  history=self.history, extra=extra)
 
-    def save(self, path=None) -> Path:
-        """Write the whole run state (atomically) to `path`, default out_dir/last.npz."""
+    def save(self, path=None, best: bool = False) -> Path:
+        """Write the whole run state (atomically) to `path`, default out_dir/last.npz, and with best=True
+        the same arrays to best.npz. The one place checkpoints are written. Data parallel: every rank
+        calls it (the epoch sums are reduced over the ranks), rank 0 alone writes."""
         arrays = self._arrays()
         path = Path(path or self.last_path)
         if self.writes:
             atomic_savez(path, arrays)
+            if best:
+                atomic_savez(self.best_path, arrays)
         self.good = (path, self.epoch)
         return path
 
@@ -216,9 +231,7 @@ class Trainer:
         self.epoch, self.global_step = ckpt["epoch"], ckpt["global_step"]
         self.history, self.best_metric = ckpt["history"], ckpt["best_metric"]
         self.batch_in_epoch = int(state.get("batch_in_epoch", 0))
-        self.partial = dict(state.get("partial") or self._fresh_partial())
-        if self.distributed and not self.distributed.is_root:
-            self.partial = self._fresh_partial()   # the saved sums are all ranks' together: rank 0 carries them
+        self.partial = self.layout.resumed_partial(dict(state.get("partial") or self._fresh_partial()))
         self.bad_epochs = int(state.get("bad_epochs", 0))
         self.first_loss = state.get("first_loss")
         self.good = (Path(path), self.epoch)
@@ -227,7 +240,7 @@ class Trainer:
         if self.class_names is None and ckpt["extra"].get("class_names"):
             self.class_names = ckpt["extra"]["class_names"]
         if self.batch_in_epoch % self.accum_steps:
-            raise ValueError(f"{path}: saved after {self.batch_in_epoch} micro-batches of an epoch, "
+            raise CheckpointError(f"{path}: saved after {self.batch_in_epoch} micro-batches of an epoch, "
                              f"not a multiple of accum_steps={self.accum_steps}; resume with the "
                              "accumulation the run was saved with")
         return ckpt
@@ -262,40 +275,26 @@ class Trainer:
             raise self._stop("loss", loss, batch, kind="exploding",
                              why=f", over {self.explode_factor:g} x the run's first loss {self.first_loss:.4g},")
 
-    def _micro_batch(self, x, y):
-        """Forward + backward on one micro-batch; returns (loss, correct count), both 0-d on x's device.
-
-        Nothing is read back here: the caller reads both (and the gradient norm) in one copy.
-        """
-        # amp: a float16 pass with float32 logits; the model's grads come back float32, unscaled
-        logits = (self.amp or self.model).forward(x)                    # (B, K)
-        loss = self.loss_fn(logits, y)                                  # ()
-        if self.amp is None:
-            self.model.backward(self.loss_fn.backward())
-        else:
-            found = self.amp.backward(self.loss_fn.backward())          # () bool: a gradient overflowed
-            self._found_inf = found if self._found_inf is None else self._found_inf | found
-        correct = (logits.argmax(axis=1) == y).sum()                    # ()
-        return loss, correct
-
     def _read_step(self, y, batch, loss, correct, norm=None):
         """The step's one device-to-host copy: loss, correct count (and gradient norm), checked.
 
         Runs after backward and before the optimizer step, so a non-finite value stops the
         run with the weights untouched. A NaN loss on the GPU may mean a bad label (the loss
-        checks labels on the device): then the labels are read back and named.
+        checks labels on the device): then the labels are read back and named. With mixed
+        precision the overflow flag rides along; a step that overflowed is skipped, its norm unchecked.
         """
         xp = backend.get_array_module(loss)
         parts = {"loss": loss, "correct": correct}
         if norm is not None:
             parts["norm"] = norm
-        if self._found_inf is not None:   # amp: the overflow flag rides along
-            parts["overflow"] = self._found_inf
+        flag = self.precision.flag()
+        if flag is not None:
+            parts["overflow"] = flag
         stacked = xp.stack([xp.asarray(v, dtype=xp.float64) for v in parts.values()])
         values = dict(zip(parts, backend.to_numpy(stacked).tolist()))  # one copy to the host
-        if self._found_inf is not None:
-            self._overflow = bool(values["overflow"])
-            if self._overflow:            # the step is skipped: its norm is not checked
+        if flag is not None:
+            self.precision.overflow = bool(values["overflow"])
+            if self.precision.overflow:
                 values.pop("norm", None)
         if not math.isfinite(values["loss"]) and hasattr(self.loss_fn, "check_labels"):
             self.loss_fn.check_labels(y, self.loss_fn.cache[0].shape[1])
@@ -304,46 +303,62 @@ class Trainer:
             self._check_finite("gradient norm", values["norm"], batch)
         return values["loss"], int(values["correct"])
 
-    def _accumulate(self, sums):
-        """Add this micro-batch's gradients (which the next backward overwrites) to `sums`."""
-        for i, (m, k) in enumerate(_trainable(self.model)):
-            g = m.grads.get(k)
-            if g is None:
-                continue
-            if i in sums:
-                sums[i] += g
-            else:
-                sums[i] = g.copy()
-
-    def _prepare_step(self, sums, count, samples=0):
-        """Average accumulated gradients (over micro-batches, then over the ranks when data
-        parallel: `samples` is this rank's image count in the step) and clip them; returns the
-        gradient norm (0-d, on the device) or None."""
-        if count > 1:  # average the summed micro-batch gradients
+    def _add_gradients(self, n: int, step_now: bool):
+        """Add this micro-batch's gradients (of `n` images) to the step's; at the step's last micro-batch,
+        return _step_gradients(). Layers' backward overwrites grads, so with accum_steps > 1 the sum is
+        kept here."""
+        g = self._group
+        if self.accum_steps > 1:
             for i, (m, k) in enumerate(_trainable(self.model)):
-                if i in sums:
-                    m.grads[k] = sums[i] * sums[i].dtype.type(1.0 / count)
-        if self.distributed is not None:   # data parallel: the global batch's gradient, on every rank
-            self.distributed.allreduce_gradients(self.model, samples)
+                grad = m.grads.get(k)
+                if grad is None:
+                    continue
+                if i in g["sums"]:
+                    g["sums"][i] += grad
+                else:
+                    g["sums"][i] = grad.copy()
+        g["count"] += 1
+        g["samples"] += n
+        return self._step_gradients() if step_now else None
+
+    def _step_gradients(self):
+        """The step's gradients: averaged over its micro-batches (accum_steps, or fewer for an epoch's
+        last group), then over the ranks, then clipped. Returns the gradient norm (0-d, on the device)
+        when clipping, else None."""
+        g = self._group
+        if g["count"] > 1:
+            for i, (m, k) in enumerate(_trainable(self.model)):
+                if i in g["sums"]:
+                    m.grads[k] = g["sums"][i] * g["sums"][i].dtype.type(1.0 / g["count"])
+        self.layout.average_gradients(self.model, g["samples"])
         if self.clip_norm is None:
             return None
         from ..optim import clip_grad_norm
         return clip_grad_norm(self.model, self.clip_norm, sync=False)
 
-    def _optimizer_step(self):
-        take = True
-        if self.amp is not None:   # inf/NaN gradients: skip; weights and optimizer state stay as they are
-            take = self.amp.scaler.update(self._overflow)
-            self._found_inf, self._overflow = None, False
-        if take:
+    def _step(self, batch_in_epoch=None) -> None:
+        """The optimizer step (unless mixed precision skips it: it still counts), then the warmup."""
+        if self.precision.take_step():
             self.optimizer.step()
         self.global_step += 1
         if self.scheduler is not None and hasattr(self.scheduler, "step_batch"):
             self.scheduler.step_batch()   # only a warmup moves per step
+        self._group = self._fresh_group()
+        if batch_in_epoch is not None:
+            self.batch_in_epoch = batch_in_epoch
 
     # -- an epoch ----------------------------------------------------------------------------
     def _lr(self):
         return float(getattr(self.optimizer, "lr", float("nan")))
+
+    def _micro_batches(self, loader, total):
+        """(i, x, y, step_now) for the epoch's micro-batches still to do: a resumed run skips the ones
+        trained before its checkpoint; step_now marks the last of each accumulation group."""
+        skip = self.batch_in_epoch   # a multiple of accum_steps (resume() checks it)
+        for i, (x, y) in enumerate(loader):
+            if i < skip:
+                continue
+            yield i, x, y, (i + 1 - skip) % self.accum_steps == 0 or i + 1 == total
 
     def train_epoch(self, epoch_index: int, total_epochs: int) -> bool:
         """Train one epoch (or what is left of it). Returns False if max_steps cut it short."""
@@ -351,72 +366,67 @@ class Trainer:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch_index)
         self.model.train()
-        skip = self.batch_in_epoch
-        p = self.partial
-        sums, count, samples = {}, 0, 0
         try:
             total = len(loader)
         except TypeError:
             total = None
-        bar = tqdm(total=total, initial=skip, desc=f"epoch {epoch_index + 1}/{total_epochs}",
-                   disable=not self.progress, dynamic_ncols=True, leave=True, file=sys.stderr,
-                   unit="batch")
+        bar = tqdm(total=total, initial=self.batch_in_epoch, desc=f"epoch {epoch_index + 1}/{total_epochs}",
+                   disable=not self.progress, dynamic_ncols=True, leave=True, file=sys.stderr, unit="batch")
         t0 = time.perf_counter()
         try:
-            for i, (x, y) in enumerate(loader):
-                if i < skip:   # resumed mid-epoch: these were trained before the checkpoint
-                    continue
+            for i, x, y, step_now in self._micro_batches(loader, total):
                 if self.max_steps is not None and self.global_step >= self.max_steps:
-                    p["time"] += time.perf_counter() - t0
                     return False
-                loss, correct = self._micro_batch(x, y)
-                if self.accum_steps > 1:
-                    self._accumulate(sums)
-                count += 1
-                n = int(y.shape[0])
-                samples += n
-                last = total is not None and i + 1 == total
-                step_now = count == self.accum_steps or last
-                norm = self._prepare_step(sums, count, samples) if step_now else None
+                logits = self.precision.forward(x)                      # (B, K)
+                loss = self.loss_fn(logits, y)                          # ()
+                self.precision.backward(self.loss_fn.backward())        # the model's grads
+                correct = (logits.argmax(axis=1) == y).sum()            # ()
+                norm = self._add_gradients(int(y.shape[0]), step_now)
                 loss, correct = self._read_step(y, i + 1, loss, correct, norm)
-                p["loss_sum"] += loss * n
-                p["correct"] += correct
-                p["seen"] += n
                 if step_now:
-                    self._optimizer_step()
-                    sums, count, samples = {}, 0, 0
-                    self.batch_in_epoch = i + 1
-                elapsed = p["time"] + time.perf_counter() - t0
-                bar.update(1)
-                bar.set_postfix(loss=f"{p['loss_sum'] / p['seen']:.4f}", acc=f"{p['correct'] / p['seen']:.3f}",
-                                lr=f"{self._lr():.2e}", img_s=f"{p['seen'] / max(elapsed, 1e-9):.0f}",
-                                refresh=False)
-            if count:  # a loader without len(): flush the last partial accumulation
-                norm = self._prepare_step(sums, count, samples)
+                    self._step(batch_in_epoch=i + 1)
+                self._tally(bar, t0, int(y.shape[0]), loss, correct)
+            if self._group["count"]:   # a loader without len(): the last, partial accumulation
+                norm = self._step_gradients()
                 if norm is not None:
-                    self._check_finite("gradient norm", float(norm), self.batch_in_epoch + count)
-                self._optimizer_step()
+                    self._check_finite("gradient norm", float(norm), self.batch_in_epoch + self._group["count"])
+                self._step()
         finally:
             bar.close()
-        p["time"] += time.perf_counter() - t0
+            self.partial["time"] += time.perf_counter() - t0
         return True
 
-    def _evaluate(self, loader, desc):
-        it = tqdm(loader, desc=desc, disable=not self.progress, leave=False, file=sys.stderr,
-                  dynamic_ncols=True, unit="batch")
-        return evaluate(self.model, it, self.eval_loss_fn, keep_examples=self.keep_examples if self.plots else 0)
+    def _tally(self, bar, t0, n, loss, correct) -> None:
+        """The epoch's running sums (they go into checkpoints) and the progress bar."""
+        p = self.partial
+        p["loss_sum"] += loss * n
+        p["correct"] += correct
+        p["seen"] += n
+        elapsed = p["time"] + time.perf_counter() - t0
+        bar.update(1)
+        bar.set_postfix(loss=f"{p['loss_sum'] / p['seen']:.4f}", acc=f"{p['correct'] / p['seen']:.3f}",
+                        lr=f"{self._lr():.2e}", img_s=f"{p['seen'] / max(elapsed, 1e-9):.0f}", refresh=False)
+
+    def evaluate(self, loader, desc=None, keep_examples: int = 0) -> dict:
+        """minivgg.train.evaluate of the model on `loader`, with plain cross-entropy; a tqdm bar when `desc`
+        is given. Data parallel: each rank scores its shard with rank 0's BatchNorm running statistics
+        and the figures are summed over the ranks (hooks.DataParallel)."""
+        if desc is not None:
+            loader = tqdm(loader, desc=desc, disable=not self.progress, leave=False, file=sys.stderr,
+                          dynamic_ncols=True, unit="batch")
+        return self.layout.evaluation(
+            self.model, lambda: evaluate(self.model, loader, self.eval_loss_fn, keep_examples=keep_examples))
 
     def _end_epoch(self, epoch_index: int) -> dict:
-        p = self.distributed.reduce_partial(self.partial) if self.distributed else self.partial
+        p = self.layout.sum_epoch(self.partial)
         row = {"epoch": epoch_index + 1, "steps": self.global_step, "lr": self._lr(),
                "train_loss": p["loss_sum"] / max(p["seen"], 1), "train_acc": p["correct"] / max(p["seen"], 1),
                "time_s": p["time"], "images_per_s": p["seen"] / max(p["time"], 1e-9)}
         if self.amp is not None:
             row.update(loss_scale=self.amp.scaler.scale, skipped_steps=self.amp.scaler.skipped_steps)
         if self.val_loader is not None:
-            ev = self._evaluate(self.val_loader, f"eval {epoch_index + 1}")
-            if self.distributed:   # each rank evaluated its shard of the validation set
-                ev = self.distributed.reduce_evaluation(ev)
+            ev = self.evaluate(self.val_loader, f"eval {epoch_index + 1}",
+                               keep_examples=self.keep_examples if self.plots else 0)
             self.last_eval = ev
             row.update(val_loss=ev["loss"], val_top1=ev["top1"], val_top5=ev["top5"],
                        val_per_class=[None if math.isnan(a) else float(a) for a in ev["per_class"]])
@@ -441,7 +451,7 @@ class Trainer:
             if not self.train_epoch(e, epochs):
                 self.stop_reason = "max_steps"
                 if self.checkpoints:
-                    self.save()
+                    self.save()   # mid-epoch: last.npz alone
                 break
             row = self._end_epoch(e)
             for key in ("val_loss", "val_top1"):   # diverged weights must not become last.npz / best.npz
@@ -458,12 +468,7 @@ class Trainer:
             else:
                 self.bad_epochs += 1
             if self.checkpoints:
-                arrays = self._arrays()
-                if self.writes:
-                    atomic_savez(self.last_path, arrays)
-                    if improved:
-                        atomic_savez(self.best_path, arrays)
-                self.good = (self.last_path, self.epoch)
+                self.save(best=improved)
             if self.writes:
                 self.write_history()
             if self.plots and self.writes:
