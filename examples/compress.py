@@ -91,8 +91,12 @@ def make_parser() -> argparse.ArgumentParser:
                        description="Network slimming (Liu et al. 2017) or filter-norm pruning (Li et al. 2017) "
                                    "into a smaller dense VGG, then fine-tuning.")
     q.add_argument("--checkpoint", required=True, metavar="PATH", help="the trained network (best.npz)")
-    q.add_argument("--ratio", type=float, required=True,
-                   help="fraction of all conv channels to remove, by one global threshold, in [0, 1)")
+    how = q.add_mutually_exclusive_group(required=True)
+    how.add_argument("--ratio", type=float, default=None,
+                     help="fraction of all conv channels to remove, by one global threshold, in [0, 1)")
+    how.add_argument("--fewer-params", type=float, default=None, metavar="F",
+                     help="instead of --ratio: the smallest ratio (in steps of 0.01) that leaves at least "
+                          "F times fewer parameters")
     q.add_argument("--rule", choices=["bn", "l1"], default="bn",
                    help="bn: rank channels by |BatchNorm gamma|; l1: by the L1 norm of their filters")
     q.add_argument("--min-channels", type=positive_int, default=4, help="every conv keeps at least this many")
@@ -161,10 +165,12 @@ def check_args(args) -> None:
     for key in ("checkpoint", "teacher"):
         if getattr(args, key, None):
             existing(getattr(args, key), f"--{key}")
+    if args.command == "prune" and args.fewer_params is not None and not args.fewer_params > 1:
+        raise UsageError(f"--fewer-params F: expected a factor > 1, got {args.fewer_params}")
+    if args.command == "prune" and args.ratio is not None and not 0.0 <= args.ratio < 1.0:
+        raise UsageError(f"--ratio is the fraction of channels to remove: expected a number in [0, 1), "
+                         f"got {args.ratio}")
     if args.command == "prune":
-        if not 0.0 <= args.ratio < 1.0:
-            raise UsageError(f"--ratio is the fraction of channels to remove: expected a number in [0, 1), "
-                             f"got {args.ratio}")
         if args.sparsity < 0 or (args.sparsity > 0) != (args.sparsity_epochs > 0):
             raise UsageError("--sparsity LAMBDA (> 0) and --sparsity-epochs K (> 0) go together; got "
                              f"--sparsity {args.sparsity} --sparsity-epochs {args.sparsity_epochs}")
@@ -296,6 +302,8 @@ def cmd_prune(args) -> int:
                   sparsity=args.sparsity, note="sparsity")
         model = model.eval()
         report["slim_checkpoint"] = str(t.last_path)
+    if args.fewer_params is not None:
+        args.ratio = ratio_for(model, args.fewer_params, args.rule, args.min_channels)
     keep = select_channels(model, args.ratio, args.rule, args.min_channels)
     small = prune(model, args.ratio, args.rule, args.min_channels).eval()
     report.update(channels_before=[int(m.out_channels) for _, m in model.modules() if hasattr(m, "out_channels")],
@@ -314,6 +322,19 @@ def cmd_prune(args) -> int:
     write_json(out / "prune.json", report)
     print(f"fine-tuned {args.epochs} epoch(s): validation top-1 {report['val_top1_after']:.4f}; wrote {path}")
     return 0
+
+
+def ratio_for(model, factor, rule, min_channels) -> float:
+    """The smallest ratio in steps of 0.01 whose pruned network has at least `factor` x fewer parameters."""
+    from minivgg.models import VGG
+    from minivgg.models.prune import select_channels
+    total = model.num_params()
+    for ratio in np.arange(1, 100) / 100:
+        keep = select_channels(model, float(ratio), rule, min_channels)
+        if total / VGG(**dict(model.config, channels=[len(k) for k in keep])).num_params() >= factor:
+            return float(ratio)
+    raise UsageError(f"--fewer-params {factor}: even removing 99% of the channels (keeping at least "
+                     f"--min-channels {min_channels} per conv) leaves more parameters than that")
 
 
 def cmd_distill(args) -> int:
@@ -414,14 +435,15 @@ def model_counts(config, image_size, channels):
     return model.num_params(), int(sum(r["macs"] for r in rows))
 
 
-def median_ms(fn, x, repeat):
+def run_ms(fn, x, repeat) -> list[float]:
+    """One warm-up call, then `repeat` timed calls: their times in ms."""
     fn(x)
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn(x)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times))
+        times.append(1e3 * (time.perf_counter() - t0))
+    return times
 
 
 def cmd_table(args) -> int:
@@ -473,7 +495,7 @@ def cmd_table(args) -> int:
             for e in ("minivgg", "onnx"):
                 if e in row:
                     for b, x in batches.items():
-                        timings[(i, e, b)].append(median_ms(row[e].logits, x, 5 if b == 1 else 2))
+                        timings[(i, e, b)] += run_ms(row[e].logits, x, 5 if b == 1 else 2)
     by_path = {str(Path(r["path"]).resolve()): r for r in rows if r["path"].endswith(".npz")}
     for row in rows:   # int8 / fp16 rows: speed-up over their own float32 network, when it is a row
         src = by_path.get(row["source"]) if row["source"] else None
@@ -483,10 +505,12 @@ def cmd_table(args) -> int:
             for b in batches:
                 t = timings[(i, e, b)]
                 row[f"{e}_ms_b{b}"] = float(np.median(t)) if t else None
+                row[f"{e}_best_ms_b{b}"] = float(np.min(t)) if t else None
     return write_table(args, rows, out, get_num_threads())
 
 
 def write_table(args, rows, out, threads) -> int:
+    import os
     import platform
     import onnxruntime as ort
     base, named = rows[0], {r["name"]: r for r in rows}
@@ -505,15 +529,19 @@ def write_table(args, rows, out, threads) -> int:
                      f"| {ms(r.get('minivgg_ms_b1'))} | {ms(r.get('minivgg_ms_b64'))} "
                      f"| {ms(r.get('onnx_ms_b1'))} | {ms(r.get('onnx_ms_b64'))}{speed} |")
     notes = ("(Nx): N times fewer parameters / mult-adds than the first row; N times smaller file and faster "
-             "than the first row, or for int8 / fp16 rows than the float32 network they were made from.")
+             "than the first row, or for int8 / fp16 rows than the float32 network they were made from. "
+             "Latency: the median of every timed call; the fastest call at batch 64 in onnxruntime was "
+             + ", ".join(f"{r['name']} {r['onnx_best_ms_b64']:.2f} ms" for r in rows) + ".")
     header = (f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.processor() or platform.machine()}"
               f" ({cpu_name()}), numpy {np.__version__}, onnxruntime {ort.__version__} ({args.threads} intra-op threads), "
-              f"minivgg threads {threads}; {len(rows[0]['onnx'].classes)} classes, test images: "
-              f"{args.test_subset or 10000:,}; latency = median over {args.rounds} interleaved rounds.")
+              f"minivgg threads {threads}; load average {os.getloadavg()[0]:.1f} when the table was written; "
+              f"{len(rows[0]['onnx'].classes)} classes, test images: "
+              f"{args.test_subset or 10000:,}; latency: {args.rounds} rounds, every model timed in turn in each (batch 1: 5 calls, batch 64: 2 calls per round).")
     from minivgg.train.files import atomic_write_text
     atomic_write_text(out, header + "\n\n" + "\n".join(lines) + "\n\n" + notes + "\n")
     keep = ("name", "path", "onnx_path", "source_row", "precision", "params", "mult_adds", "file_bytes", "top1", "top1_engine",
-            "minivgg_ms_b1", "minivgg_ms_b64", "onnx_ms_b1", "onnx_ms_b64")
+            "minivgg_ms_b1", "minivgg_ms_b64", "onnx_ms_b1", "onnx_ms_b64", "minivgg_best_ms_b1",
+            "minivgg_best_ms_b64", "onnx_best_ms_b1", "onnx_best_ms_b64")
     write_json(Path(str(out) + ".json"), {"header": header, "rows": [{k: r.get(k) for k in keep} for r in rows]})
     print(header + "\n\n" + "\n".join(lines))
     return 0

@@ -122,6 +122,7 @@ BAD = [
     (["prune", "--checkpoint", "nowhere.npz", "--ratio", "0.5", "--out", "o"], "--checkpoint nowhere.npz does not exist"),
     (["prune", "--checkpoint", "{ck}", "--ratio", "1.5", "--out", "o"], r"--ratio is the fraction of channels to remove: expected a number in \[0, 1\), got 1.5"),
     (["prune", "--checkpoint", "{ck}", "--ratio", "0.5", "--sparsity", "1e-4", "--out", "o"], "--sparsity LAMBDA .* and --sparsity-epochs K .* go together"),
+    (["prune", "--checkpoint", "{ck}", "--fewer-params", "0.5", "--out", "o"], "--fewer-params F: expected a factor > 1"),
     (["distill", "--teacher", "missing/best.npz", "--out", "o"], "--teacher missing/best.npz does not exist"),
     (["distill", "--teacher", "{ck}", "--alpha", "2", "--out", "o"], r"--alpha in \[0, 1\]"),
     (["quantize", "--checkpoint", "{ck}", "--out", "model.int8"], "expected a file name ending in .onnx"),
