@@ -11,7 +11,9 @@ One ONNX node per minivgg layer, in the order of model.modules():
     Flatten           -> Flatten(axis=1)
     Linear            -> Gemm(transB=1): y = x W^T + b
     Dropout           -> nothing (inference)
-Outputs: "logits" (N, K) and "probabilities" = Softmax(logits). The batch dimension is dynamic ("N");
+Outputs: "logits" (N, K) and "probabilities" = Softmax(logits). precision="float16" stores every weight as
+float16 and computes in float16 between a Cast of the input and a Cast of the two outputs, so the file is
+half the size and its callers still pass and receive float32 (to_float16 below). The batch dimension is dynamic ("N");
 H and W are fixed to the image size the model was trained at. The preprocessing (image size, channels,
 mean, std, scale 1/255), the class names and the model config go into metadata_props as JSON.
 """
@@ -142,13 +144,44 @@ def build_graph(model, input_shape, meta: dict | None = None, doc: str = ""):
     return proto
 
 
-def export_onnx(model, path, input_shape, meta: dict | None = None, doc: str = "") -> Path:
+PRECISIONS = ("float32", "float16")
+
+
+def to_float16(proto):
+    """The float32 graph made float16 inside: every float32 initializer rounded to float16 (round to
+    nearest even), Cast(input -> float16) first and Cast(-> float32) on "logits" and "probabilities" last;
+    the graph's inputs and outputs stay float32. Returns a new ModelProto, checked."""
+    onnx, helper, numpy_helper = _onnx()
+    p = onnx.ModelProto()
+    p.CopyFrom(proto)
+    g = p.graph
+    f16, f32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    for i, t in enumerate(g.initializer):
+        if t.data_type == f32:
+            g.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    outs = [o.name for o in g.output]
+    rename = {"input": "input.f16", **{o: f"{o}.f16" for o in outs}}
+    for n in g.node:
+        n.input[:] = [rename.get(i, i) for i in n.input]
+        n.output[:] = [rename.get(o, o) for o in n.output]
+    g.node.insert(0, helper.make_node("Cast", ["input"], ["input.f16"], name="input.cast", to=f16))
+    g.node.extend(helper.make_node("Cast", [f"{o}.f16"], [o], name=f"{o}.cast", to=f32) for o in outs)
+    onnx.checker.check_model(p, full_check=True)
+    return p
+
+
+def export_onnx(model, path, input_shape, meta: dict | None = None, doc: str = "",
+                precision: str = "float32") -> Path:
     """Write `model` (put in eval mode) as an ONNX file, atomically (train.files.atomic_write: temp file,
     fsync, rename). Temp files that a killed export left beside `path` are removed first. A failed
-    write raises OSError naming `path`, and leaves the old file as it was."""
+    write raises OSError naming `path`, and leaves the old file as it was. precision: float32 or float16
+    (to_float16)."""
     from ..train.files import atomic_write, remove_stale_temps
+    if precision not in PRECISIONS:
+        raise ValueError(f"ONNX export: precision must be one of {PRECISIONS}, got {precision!r}")
     model.eval()
-    data = build_graph(model, input_shape, meta, doc).SerializeToString()
+    proto = build_graph(model, input_shape, meta, doc)
+    data = (to_float16(proto) if precision == "float16" else proto).SerializeToString()
     path = Path(path)
     remove_stale_temps(path.parent, path.name)
     return atomic_write(path, lambda f: f.write(data))
@@ -167,7 +200,7 @@ def refuse_overwriting_input(checkpoint, out) -> None:
                          "destroy it: name another file")
 
 
-def export_checkpoint(checkpoint, out) -> Path:
+def export_checkpoint(checkpoint, out, precision: str = "float32", extra_meta: dict | None = None) -> Path:
     """A train_vgg11.py checkpoint (best.npz / last.npz) -> an ONNX file with its preprocessing."""
     from .predictor import Predictor
     refuse_overwriting_input(checkpoint, out)
@@ -179,4 +212,7 @@ def export_checkpoint(checkpoint, out) -> Path:
                              "x = (pixel / 255 - mean) / std per channel, NCHW float32"}
     doc = (f"minivgg {pred.config['arch']} exported from {Path(checkpoint).name}; input (N, {m['channels']}, "
            f"{m['image_size'][0]}, {m['image_size'][1]}), see metadata_props for the preprocessing")
-    return export_onnx(pred.model, out, (m["channels"], *m["image_size"]), meta, doc)
+    if precision != "float32":
+        meta["precision"] = precision
+    meta.update(extra_meta or {})
+    return export_onnx(pred.model, out, (m["channels"], *m["image_size"]), meta, doc, precision)

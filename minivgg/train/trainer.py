@@ -360,6 +360,16 @@ class Trainer:
                 continue
             yield i, x, y, (i + 1 - skip) % self.accum_steps == 0 or i + 1 == total
 
+    def _micro_batch(self, x, y):
+        """Forward, loss and backward on one micro-batch: (loss, correct count), both 0-d on x's device.
+        Nothing is read back here: the caller reads both (and the gradient norm) in one copy. A
+        subclass with another loss (CompressTrainer: a teacher, a sparsity term) overrides this."""
+        logits = self.precision.forward(x)                              # (B, K)
+        loss = self.loss_fn(logits, y)                                  # ()
+        self.precision.backward(self.loss_fn.backward())                # the model's grads
+        correct = (logits.argmax(axis=1) == y).sum()                    # ()
+        return loss, correct
+
     def train_epoch(self, epoch_index: int, total_epochs: int) -> bool:
         """Train one epoch (or what is left of it). Returns False if max_steps cut it short."""
         loader = self.train_loader
@@ -377,10 +387,7 @@ class Trainer:
             for i, x, y, step_now in self._micro_batches(loader, total):
                 if self.max_steps is not None and self.global_step >= self.max_steps:
                     return False
-                logits = self.precision.forward(x)                      # (B, K)
-                loss = self.loss_fn(logits, y)                          # ()
-                self.precision.backward(self.loss_fn.backward())        # the model's grads
-                correct = (logits.argmax(axis=1) == y).sum()            # ()
+                loss, correct = self._micro_batch(x, y)                 # forward, loss, backward
                 norm = self._add_gradients(int(y.shape[0]), step_now)
                 loss, correct = self._read_step(y, i + 1, loss, correct, norm)
                 if step_now:
