@@ -14,7 +14,8 @@ would fail on a GPU fails here:
     (`stats`, `counting()`), so tests can state what one training step costs;
   * `empty` memory is poisoned with NaN, so an element a kernel forgets to write shows.
 What it cannot show: speed, memory limits, races between threads (it runs them one after
-another), and NVRTC's own acceptance of the source (tests/test_cuda_compile.py runs nvcc).
+another), and NVRTC's own acceptance of the source (tests/test_cuda_compile.py builds it with
+the real CuPy's NVRTC path, and tests/test_cuda_kernels.py with nvcc, both without a GPU).
 """
 from __future__ import annotations
 
