@@ -156,9 +156,7 @@ def summary_table(rows: list[dict], dry: bool, total: float) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="Steps: env, kernel_tests, backend_tests, layout, conv_speed, "
-                                       "train_speed, d2l (see the file's docstring).")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=False, metavar="DIR", help="folder for every log and summary.md")
     p.add_argument("--dry-run", action="store_true",
                    help="every step at a tiny size on the CuPy stand-in (what CI runs)")
@@ -209,7 +207,11 @@ def main(argv=None) -> int:
 # -- the probes (run as steps, in their own process) ------------------------------------------------------------
 def probe_env(args) -> int:
     from minivgg import backend
-    subprocess.run(["nvidia-smi"], check=False) if not getattr(backend.cupy, "is_fake", False) else None
+    if not getattr(backend.cupy, "is_fake", False):
+        try:
+            subprocess.run(["nvidia-smi"], check=False, timeout=15)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            print(f"nvidia-smi: {e}")
     print(f"python {sys.version.split()[0]}, MINIVGG_FAKE_CUPY={os.environ.get('MINIVGG_FAKE_CUPY')}")
     cp = backend.get_xp("gpu")
     if getattr(cp, "is_fake", False):
