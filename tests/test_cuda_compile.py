@@ -119,6 +119,10 @@ class Recorder(types.SimpleNamespace):
                 return launch
         self.RawModule = RawModule
 
+    def __getattr__(self, name):
+        raise AttributeError(f"gpu.py calls cupy.{name}, which the launch recorder of tests/test_cuda_compile.py "
+                             "does not have yet: add it to Recorder (shapes and dtypes only)")
+
     @staticmethod
     def empty(shape, dtype=np.float64, order="C"):
         assert order == "C", "the recorder makes C-order arrays only"
@@ -218,7 +222,7 @@ def ptx_params(ptx: str) -> dict:
 def source_params(code: str, expression: str) -> list:
     """[(C type, is a pointer)] of kernel `expression` ('im2col<float>' or 'uniform'), read from the source."""
     kernel, _, targ = expression.partition("<")
-    found = re.findall(rf"__global__\s+void\s+{kernel}\s*\(([^)]*)\)", code)
+    found = re.findall(rf"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?{kernel}\s*\(([^)]*)\)", code)
     assert len(found) == 1, f"{kernel}: {len(found)} __global__ definitions in the source"
     params = []
     for decl in found[0].split(","):
@@ -254,6 +258,7 @@ def check(request, launches, images):
         if not (np.prod(block) <= 1024 and 1 <= grid[0] <= 2**31 - 1):
             problems.append(f"{where}: outside CUDA's launch limits")
         for i, (a, size, (ctype, pointer)) in enumerate(zip(args, sizes, declared)):
+            assert ctype in C_TYPES, f"{name} parameter {i} is a {ctype}: add its NumPy dtype to C_TYPES"
             want = np.dtype(C_TYPES[ctype])
             if pointer:
                 if not isinstance(a, ShapeArray):
