@@ -97,7 +97,10 @@ class ShapeArray:
     def reshape(self, *shape):
         shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
         assert self.c_contiguous, "reshape of a non-contiguous array: the recorder cannot tell the copy"
-        return ShapeArray(np.empty(self.shape, np.bool_).reshape(shape).shape, self.dtype)
+        known = int(np.prod([d for d in shape if d != -1], dtype=np.int64))
+        shape = [self.size // known if d == -1 else d for d in shape]
+        assert int(np.prod(shape, dtype=np.int64)) == self.size, f"cannot reshape {self.shape} into {shape}"
+        return ShapeArray(shape, self.dtype)
 
 
 class Recorder(types.SimpleNamespace):

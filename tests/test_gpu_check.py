@@ -38,8 +38,21 @@ def test_a_step_past_its_limit_is_stopped_and_marked(tmp_path):
                      "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"])
     row = gpu_check.run_step(step, tmp_path, limit=2)
     assert row["status"] == "time limit (2 s)" and row["seconds"] < 30
-    assert row["result"] == "no pytest summary"
+    assert row["result"].startswith("no pytest summary")
     assert (tmp_path / "sleeper.log").read_text().startswith("$ ")
+    # a step that reports as it goes (the d2l run) is fine stopped at its limit, once it reported
+    (tmp_path / "d2l_run").mkdir()
+    (tmp_path / "d2l_run" / "history.json").write_text("stale, from an earlier run")
+    step = dict(name="d2l", env={}, parse=gpu_check.parse_d2l, limit_ok=True, fresh=["d2l_run"],
+                cmd=[sys.executable, "-c", "import json, os, time; os.makedirs('{0}', exist_ok=True); "
+                     "json.dump([dict(epoch=1, val_top1=0.5, images_per_s=9.0)], open('{0}/history.json', 'w')); "
+                     "time.sleep(60)".format(tmp_path / "d2l_run")])
+    row = gpu_check.run_step(step, tmp_path, limit=3)
+    assert row["status"] == "ok (stopped at its limit, 3 s)", row
+    assert row["result"].startswith("1 epoch(s): test top-1 50.00% after epoch 1")
+    step["cmd"] = [sys.executable, "-c", "import time; time.sleep(60)"]   # stopped before its first epoch
+    row = gpu_check.run_step(step, tmp_path, limit=2)
+    assert row["status"] == "time limit (2 s)" and row["result"].startswith("no result")
 
 
 def test_a_failing_step_is_marked_and_the_unknown_step_named(tmp_path, capsys):
