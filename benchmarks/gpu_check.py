@@ -246,6 +246,7 @@ def probe_layout(args) -> int:
     """Each layer's output (forward) and input gradient (backward) layout in a VGG-11-BN on the GPU backend."""
     import numpy as np
 
+    import minivgg
     from minivgg import backend
     from minivgg.models import VGG
 
@@ -259,7 +260,7 @@ def probe_layout(args) -> int:
         return "NCHW" if a.strides == (C * H * W * item, H * W * item, W * item, item) else "other"
 
     backend.get_xp("gpu")
-    backend.seed(0)
+    minivgg.seed(0)
     model = VGG("vgg11_bn", num_classes=10, in_channels=1, width_ratio=8, pool_size=1, hidden=(64, 64)).to("gpu")
     rows = []
     for i, layer in enumerate(model.features):
