@@ -24,20 +24,27 @@ BLOCK = 256            # threads per block
 MAX_BLOCKS = 65535     # the grid-stride loops cover any size with at most this many blocks
 
 _module = None
+# name -> (the module, its RawKernel), looked up once per module: CuPy's get_function builds a new
+# RawKernel (and asks the driver for the function) on every call; one RawKernel serves every device
+_functions: dict = {}
 
 
 def _kernel(name: str, dtype=None):
     """The compiled kernel `name` (instantiated for `dtype`); the module is compiled on first use."""
     global _module
+    if dtype is not None:
+        dtype = np.dtype(dtype)
+        if dtype not in CTYPES:
+            raise TypeError(f"minivgg's GPU kernels take float16, float32 or float64 arrays, got {dtype}")
+        name = f"{name}<{CTYPES[dtype]}>"
     if _module is None:
         _module = cp.RawModule(code=SOURCE.read_text(), options=("-std=c++17",),
                                name_expressions=NAME_EXPRESSIONS)
-    if dtype is None:
-        return _module.get_function(name)
-    dtype = np.dtype(dtype)
-    if dtype not in CTYPES:
-        raise TypeError(f"minivgg's GPU kernels take float16, float32 or float64 arrays, got {dtype}")
-    return _module.get_function(f"{name}<{CTYPES[dtype]}>")
+    module, function = _functions.get(name, (None, None))
+    if module is not _module:
+        function = _module.get_function(name)
+        _functions[name] = (_module, function)
+    return function
 
 
 def _launch(kernel, total: int, *args):

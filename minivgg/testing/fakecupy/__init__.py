@@ -18,7 +18,8 @@ would fail on a GPU fails here:
     the inputs' strides, where NumPy keeps their order; `out=`, `*_like`, astype and views keep
     the layout (_ndarray.c_order says where in CuPy's source each rule is).
 What it cannot show: speed, memory limits, races between threads (it runs them one after
-another), and NVRTC's own acceptance of the source (tests/test_cuda_compile.py runs nvcc).
+another), and NVRTC's own acceptance of the source (tests/test_cuda_compile.py builds it with
+the real CuPy's NVRTC path, and tests/test_cuda_kernels.py with nvcc, both without a GPU).
 """
 from __future__ import annotations
 
