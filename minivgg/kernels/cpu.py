@@ -249,8 +249,9 @@ def winograd_untile_cpu(T, q: int, step: int, pad: tuple, shape: tuple, tiles: t
 
     def part(c):                           # the channels c
         o = out[c]
-        o[:, TH * step:] = 0
-        o[:, :, TW * step:] = 0
+        edge = 0 if bias is None else bias[c].reshape(-1, 1, 1, 1)      # past the first entries' cover
+        o[:, TH * step:] = edge
+        o[:, :, TW * step:] = edge
         core = o[:, :TH * step, :TW * step].reshape(-1, TH, step, TW, step, N)  # (c, TH, step, TW, step, N) view
         first = T6[:step, :step, c].transpose(2, 3, 0, 4, 1, 5)       # (c, TH, step, TW, step, N) view
         if bias is None:
