@@ -41,6 +41,7 @@ DEFAULTS = {
     "distributed": False, "sync_bn": False,
     "stream": False,
     "amp": False, "amp_growth_interval": 2000,
+    "conv_algo": "im2col-fast",
 }
 
 # Named recipes: each overrides DEFAULTS; flags given on the command line override both.
@@ -129,6 +130,7 @@ def hidden_widths(text) -> tuple[int, ...]:
 
 def make_parser(suppress: bool = False) -> argparse.ArgumentParser:
     """The CLI; with suppress=True only options given on the command line appear in the result."""
+    from minivgg.layers.conv_engines import CONV_ENGINES
     p = argparse.ArgumentParser(
         prog="train_vgg11.py", formatter_class=Formatter, epilog=EPILOG,
         argument_default=argparse.SUPPRESS if suppress else None,
@@ -188,6 +190,10 @@ def make_parser(suppress: bool = False) -> argparse.ArgumentParser:
                    help="the classic head pools the last feature map to PxP (7 as torchvision at "
                         "224x224; 1 suits 32x32 inputs, whose last map is 1x1)")
     g.add_argument("--dropout", type=float, default=D("dropout"), help="dropout after each hidden Linear")
+    g.add_argument("--conv-algo", choices=sorted(CONV_ENGINES), default=D("conv_algo"),
+                   help="how the convolutions are computed (the same results, to rounding): im2col-fast "
+                        "(im2col + GEMM, tuned), winograd2 / winograd4 (Winograd's F(2x2,3x3) / F(4x4,3x3)), "
+                        "auto (one of those per layer by a rule from its shapes), im2col (the textbook)")
     g.add_argument("--init", choices=["kaiming", "xavier"], default=D("init"),
                    help="weight init: kaiming (torchvision's) or xavier (d2l's)")
     g.add_argument("--init-from", default=D("init_from"), metavar="PATH",
@@ -458,7 +464,7 @@ def make_model(args, num_classes, channels):
     arch = args.model + ("_bn" if args.bn else "")
     model = VGG(arch, num_classes=num_classes, in_channels=channels, width_ratio=args.width_ratio,
                 head=args.head, hidden=args.hidden, pool_size=args.pool_size, dropout=args.dropout,
-                init=args.init)
+                init=args.init, conv_algo=args.conv_algo)
     if args.init_from:
         copy_features(model, args.init_from)
     return model.to(args.device)
