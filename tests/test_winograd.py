@@ -6,7 +6,7 @@ import pytest
 from minivgg import backend, kernels
 from minivgg.gradcheck import check_layer
 from minivgg.kernels.cpu import winograd_tiles_cpu, winograd_untile_cpu
-from minivgg.layers import conv2d_naive, conv2d_naive_backward, make_conv2d
+from minivgg.layers import Conv2d, conv2d_naive, conv2d_naive_backward, make_conv2d
 from minivgg.layers.conv_winograd import (MATRICES, AutoConv2d, Winograd4Conv2d, WinogradConv2d,
                                           conv2d_winograd_naive, conv2d_winograd_naive_backward,
                                           tile_grid, winograd_f23)
@@ -221,3 +221,36 @@ def test_tile_grid_covers_odd_sizes():
     assert tile_grid(7, 5, (1, 1), 2) == ((7, 5), (4, 3))
     assert tile_grid(7, 5, (1, 1), 4) == ((7, 5), (2, 2))
     assert tile_grid(3, 3, (0, 0), 4) == ((1, 1), (1, 1))
+
+
+def test_vgg_builds_every_conv_with_the_chosen_engine_and_summary_names_the_algorithms():
+    from minivgg.models import VGG, summary
+    model = VGG("vgg11_bn", num_classes=10, in_channels=1, width_ratio=8, hidden=(16,), pool_size=1,
+                conv_algo="winograd4")
+    convs = [m for _, m in model.modules() if isinstance(m, Conv2d)]
+    assert len(convs) == 8 and all(type(m) is Winograd4Conv2d for m in convs)
+    assert "conv_algo" not in model.config            # how, not what: checkpoints load into any engine
+    text = summary(model, (1, 32, 32))
+    assert text.splitlines()[2].rstrip().endswith("Algo")
+    assert sum(line.rstrip().endswith("winograd4") for line in text.splitlines()) == 8
+    auto = summary(VGG("vgg11", num_classes=10, in_channels=1, width_ratio=1, conv_algo="auto"), (1, 32, 32))
+    picks = [line.split()[-1] for line in auto.splitlines() if "AutoConv2d" in line]
+    assert picks == [AutoConv2d(c, 64, 3, padding=1).algorithm(h, h) for c, h in
+                     [(1, 32), (64, 16), (128, 8), (256, 8), (256, 4), (512, 4), (512, 2), (512, 2)]]
+    with pytest.raises(ValueError, match=r"conv_algo must be one of .*'winograd4'.*got 'fft'"):
+        VGG("vgg11", conv_algo="fft")
+
+
+def test_train_vgg11_conv_algo_flag():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "examples" / "train_vgg11.py"
+    spec = importlib.util.spec_from_file_location("train_vgg11_for_winograd", path)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.parse_args([]).conv_algo == "im2col-fast"
+    args = cli.parse_args(["--conv-algo", "auto"])
+    model = cli.make_model(args, 10, 1)
+    assert all(type(m) is AutoConv2d for _, m in model.modules() if isinstance(m, Conv2d))
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--conv-algo", "fft"])
