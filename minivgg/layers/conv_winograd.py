@@ -286,8 +286,9 @@ class WinogradConv2d(TunedConv2d):
             dx = dx.transpose(3, 0, 1, 2)                                 # (N, C, H, W) view
         dW = (mats["KG"].T @ dU.reshape(a * a, F * C)).T                  # (F*C, 9): G^T dU G
         self.grads["weight"] = xp.ascontiguousarray(dW).reshape(F, C, 3, 3).astype(x.dtype, copy=False)
-        if "bias" in self.params:
-            self.grads["bias"] = dw.sum(axis=(0, 2, 3)).astype(x.dtype, copy=False)   # (F,)
+        if "bias" in self.params:   # dout's row sums as D @ 1, as conv_fast: BLAS reads D faster than sum()
+            D = dw.transpose(1, 2, 3, 0).reshape(F, -1)                   # (F, OH*OW*N), a view of CHWN dout
+            self.grads["bias"] = (D @ xp.ones(D.shape[1], dtype=work)).astype(x.dtype, copy=False)   # (F,)
         return dx
 
     def __repr__(self):
