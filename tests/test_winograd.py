@@ -179,7 +179,8 @@ def test_auto_rule_on_vgg11_at_32x32():
     layers = [(3, 32), (64, 16), (128, 8), (256, 8), (256, 4), (512, 4), (512, 2)]
     got = [AutoConv2d(c, 64, 3, padding=1).algorithm(h, h) for c, h in layers]
     assert got == ["im2col", "winograd4", "winograd4", "winograd4", "winograd2", "winograd2", "winograd2"]
-    assert AutoConv2d(64, 64, 3, padding=1).algorithm(16, 16, np.float16) == "winograd2"
+    assert AutoConv2d(64, 64, 3, padding=1).algorithm(16, 16, np.float16) == "winograd4"
+    assert AutoConv2d(64, 64, 3, padding=0).algorithm(9, 9) == "winograd2"        # a 7x7 output
 
 
 def test_auto_is_bit_repeatable_on_the_cpu(rng):

@@ -50,13 +50,16 @@ Backward, through the same domain (every step is linear, so its gradient is the 
     dL/db = dout summed over N, OH, OW.
 
 Numerics: the transforms add and subtract before the products, so the rounding error grows
-with their constants. In float32, F(2x2, 3x3)'s error against a float64 loop convolution is
-of the order of im2col's; F(4x4, 3x3)'s (entries up to 8 in A^T and 5 in B^T, fractions down
-to 1/24 in G) is about ten times larger, a few 1e-6 of the output's scale on VGG's layers
-(benchmarks/winograd_error.py measures it; docs/benchmarks/winograd.md records it). That is
-far below what float32 training notices, but `auto` keeps F(4x4) off float16 data, where
-its error would reach the 1e-3 of half precision itself (float16 inputs run their transforms
-and GEMMs in float32 anyway, and round once at the end).
+with their constants. In float32, against a float64 loop convolution on VGG-11's layers and
+real activations, F(2x2, 3x3)'s output and dL/dx are about twice as far off as im2col's (a few
+1e-7 of their norm) and F(4x4, 3x3)'s (entries up to 8 in A^T and 5 in B^T, fractions down to
+1/24 in G) about ten times (a few 1e-6); dL/dW is as close as im2col's or closer (its sum over
+tiles is shorter than im2col's over pixels). benchmarks/winograd_error.py measures it,
+docs/benchmarks/winograd.md records it. float16 data run their transforms and GEMMs in
+float32 and are rounded once, at the end: both tile sizes then land at float16's own rounding
+(2e-4), closer than im2col computed in float16. So `auto` never avoids F(4x4) for accuracy,
+only where it is slower: tiny maps (an output under 8 on a side wastes most of a 4x4 tile) and
+thin first layers.
 
 The engine, WinogradConv2d: 3x3 kernels, stride 1, any padding; other shapes (the classifier's
 none, but any Conv2d) fall back to the tuned im2col engine (conv_fast.TunedConv2d), which it
@@ -309,14 +312,13 @@ class AutoConv2d(WinogradConv2d):
     TILE = None
 
     def algorithm(self, H: int, W: int, dtype=np.float32) -> str:
-        """The rule, from measurements of every algorithm on VGG's layers (benchmarks/conv_speed.py,
+        """The rule, from measurements of every algorithm on VGG-11's layers (benchmarks/conv_speed.py,
         docs/benchmarks/winograd.md):
           not 3x3 stride 1, or C < 16 (a first layer: its GEMMs are too thin to gain): im2col;
-          float16 data, or an output under 8 on a side: F(2x2, 3x3);
-          else F(4x4, 3x3)."""
+          an output under 8 on a side (F(4x4)'s tiles would hang mostly over the edge): F(2x2, 3x3);
+          else F(4x4, 3x3).
+        The dtype does not enter (see the module docstring's numerics)."""
         if not winograd_applies(self.kernel_size, self.stride) or self.in_channels < 16:
             return "im2col"
         (OH, OW), _ = tile_grid(H, W, self.padding, 4)
-        if np.dtype(dtype) == np.float16 or min(OH, OW) < 8:
-            return "winograd2"
-        return "winograd4"
+        return "winograd2" if min(OH, OW) < 8 else "winograd4"
