@@ -494,7 +494,8 @@ def main(argv=None) -> dict:
     payload = {"benchmark": "conv_speed", "network": net, "batch": args.batch, "device": args.device,
                "dtype": "float32", "repeats": args.repeats, "warmup": args.warmup, "min_time": args.min_time,
                "tolerance": tol, "tf32": tf32, "nchw_inputs": args.nchw_inputs, "threads": args.threads, "threads_note": threads_note,
-               "method": TORCH_METHOD, "gemm_method": GEMM_METHOD, "algos": args.algos, "machine": info, "layers": results, "summary": summary}
+               "method": TORCH_METHOD, "gemm_method": GEMM_METHOD,
+               "algos": args.algos, "machine": info, "layers": results, "summary": summary}
     if args.json:
         common.write_json(args.json, payload)
         print(f"\nwrote {args.json}")

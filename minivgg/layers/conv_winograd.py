@@ -58,8 +58,8 @@ tiles is shorter than im2col's over pixels). benchmarks/winograd_error.py measur
 docs/benchmarks/winograd.md records it. float16 data run their transforms and GEMMs in
 float32 and are rounded once, at the end: both tile sizes then land at float16's own rounding
 (2e-4), closer than im2col computed in float16. So `auto` never avoids F(4x4) for accuracy,
-only where it is slower: tiny maps (an output under 8 on a side wastes most of a 4x4 tile) and
-thin first layers.
+only where Winograd is slower: tiny maps (under 4 on a side) and thin first layers, which it
+leaves on im2col.
 
 The engine, WinogradConv2d: 3x3 kernels, stride 1, any padding; other shapes (the classifier's
 none, but any Conv2d) fall back to the tuned im2col engine (conv_fast.TunedConv2d), which it
@@ -315,10 +315,12 @@ class AutoConv2d(WinogradConv2d):
         """The rule, from measurements of every algorithm on VGG-11's layers (benchmarks/conv_speed.py,
         docs/benchmarks/winograd.md):
           not 3x3 stride 1, or C < 16 (a first layer: its GEMMs are too thin to gain): im2col;
-          an output under 8 on a side (F(4x4)'s tiles would hang mostly over the edge): F(2x2, 3x3);
-          else F(4x4, 3x3).
-        The dtype does not enter (see the module docstring's numerics)."""
+          an output under 4 on a side (VGG's 2x2 maps: a handful of tiles, too few tiles for the
+          transforms to pay for themselves): im2col;
+          else F(4x4, 3x3) (on 4x4 maps too, where it measured as fast as F(2x2, 3x3) or faster).
+        The dtype does not enter (see the module docstring's numerics). F(2x2, 3x3) stays
+        available as winograd2, the closer of the two to the exact result."""
         if not winograd_applies(self.kernel_size, self.stride) or self.in_channels < 16:
             return "im2col"
         (OH, OW), _ = tile_grid(H, W, self.padding, 4)
-        return "winograd2" if min(OH, OW) < 8 else "winograd4"
+        return "im2col" if min(OH, OW) < 4 else "winograd4"
