@@ -53,16 +53,15 @@ Numerics: the transforms add and subtract before the products, so the rounding e
 with their constants. In float32, against a float64 loop convolution on VGG-11's layers and
 real activations, F(2x2, 3x3)'s output and dL/dx are about twice as far off as im2col's (a few
 1e-7 of their norm) and F(4x4, 3x3)'s (entries up to 8 in A^T and 5 in B^T, fractions down to
-1/24 in G) about ten times (a few 1e-6); dL/dW is as close as im2col's or closer (its sum over
-tiles is shorter than im2col's over pixels). benchmarks/winograd_error.py measures it,
+1/24 in G) about ten times (a few 1e-6); dL/dW came out as close as im2col's or closer. benchmarks/winograd_error.py measures it,
 docs/benchmarks/winograd.md records it. float16 data run their transforms and GEMMs in
 float32 and are rounded once, at the end: both tile sizes then land at float16's own rounding
 (2e-4), closer than im2col computed in float16. So `auto` never avoids F(4x4) for accuracy,
 only where Winograd is slower: tiny maps (under 4 on a side) and thin first layers, which it
 leaves on im2col.
 
-The engine, WinogradConv2d: 3x3 kernels, stride 1, any padding; other shapes (the classifier's
-none, but any Conv2d) fall back to the tuned im2col engine (conv_fast.TunedConv2d), which it
+The engine, WinogradConv2d: 3x3 kernels, stride 1, any padding; other shapes (VGG has
+none, any other Conv2d may) fall back to the tuned im2col engine (conv_fast.TunedConv2d), which it
 extends. Its CPU and GPU paths are the same four steps; only the tile gathers differ:
     V  = winograd_tiles(x, B^T)         one gather copy + one GEMM by kron(B^T, B^T) on the CPU,
                                         one kernel on the GPU (kernels.cu)
