@@ -35,7 +35,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from minivgg import backend  # noqa: E402
-from minivgg.layers import TunedConv2d  # noqa: E402
+from minivgg.layers import TunedConv2d, make_conv2d  # noqa: E402
 
 TOL_FP32 = 1e-4   # rel err of outputs and every gradient, float32, TF32 off
 TOL_TF32 = 1e-2   # with --tf32 both sides round matmul inputs to 10 mantissa bits
@@ -57,6 +57,12 @@ GEMM_METHOD = ("GEMM-only: the three products of a convolution on its im2col sha
                "dx (K, F) @ (F, M) (the same flops as the flipped-kernel form), float32 NumPy arrays "
                "(CuPy on the GPU), timed alone in the same rounds as the layers; "
                "'over GEMM' = minivgg's fwd+bwd time / the three GEMMs' time.")
+
+ALGOS = ("winograd2", "winograd4", "auto")   # the other engines timed beside the default (--algos)
+ALGO_METHOD = ("algorithms: each engine of minivgg.layers.CONV_ENGINES named in --algos, with the same "
+               "weights, checked against torch like the default engine, its forward + backward timed in "
+               "the same rounds; 'x GEMM' = its fwd+bwd time / the im2col GEMM-only time (below 1: past "
+               "the ceiling of any im2col convolution; Winograd does fewer multiplications).")
 
 
 @dataclass(frozen=True)
@@ -126,9 +132,11 @@ def torch_device(device: str) -> torch.device:
     return torch.device("cpu" if device == "cpu" else "cuda")
 
 
-def make_pair(case: ConvCase, device: str = "cpu", seed: int = 0, network_layout: bool = True) -> dict:
+def make_pair(case: ConvCase, device: str = "cpu", seed: int = 0, network_layout: bool = True,
+              algos=()) -> dict:
     """A minivgg Conv2d and torch tensors holding the same weight, bias, input and upstream
-    gradient (Kaiming-scaled weights, N(0, 1) data), on `device`."""
+    gradient (Kaiming-scaled weights, N(0, 1) data), on `device`; and one more Conv2d of each
+    engine in `algos` (pair["algos"]) with the same weights."""
     rng = np.random.default_rng(seed)
     fan_in = case.C * case.K * case.K
     w = (rng.standard_normal((case.F, case.C, case.K, case.K)) * np.sqrt(2.0 / fan_in)).astype(np.float32)
@@ -140,6 +148,11 @@ def make_pair(case: ConvCase, device: str = "cpu", seed: int = 0, network_layout
     layer.params["weight"][...] = w        # the public params dict, written in place
     layer.params["bias"][...] = b
     layer.to(device)
+    others = {}
+    for algo in algos:
+        other = make_conv2d(case.C, case.F, case.K, stride=1, padding=case.P, algo=algo)
+        other.load_state_dict(layer.state_dict())
+        others[algo] = other.to(device)
 
     tdev = torch_device(device)
     t = {k: torch.from_numpy(v).to(tdev) for k, v in (("x", x), ("w", w), ("b", b), ("dout", dout))}
@@ -151,7 +164,7 @@ def make_pair(case: ConvCase, device: str = "cpu", seed: int = 0, network_layout
         if case.C > 3:                     # not the images: a feature map, CHWN as Conv2d makes it
             mx = chwn(mx)
     return {"case": case, "device": device, "layer": layer, "x": mx, "dout": mdout, "torch": t,
-            "gemm": gemm_operands(case, device, rng)}
+            "gemm": gemm_operands(case, device, rng), "algos": others}
 
 
 def chwn(a):
@@ -168,9 +181,9 @@ def gemm_operands(case: ConvCase, device: str, rng) -> dict:
     return {k: backend.to_device(rng.standard_normal(shape, dtype=np.float32), device) for k, shape in mats.items()}
 
 
-def minivgg_results(pair: dict):
+def minivgg_results(pair: dict, layer=None):
     """out, dx, dW, db from minivgg's Conv2d (forward, then backward)."""
-    layer = pair["layer"]
+    layer = pair["layer"] if layer is None else layer
     out = layer.forward(pair["x"])
     dx = layer.backward(pair["dout"])
     return out, dx, layer.grads["weight"], layer.grads["bias"]
@@ -195,6 +208,11 @@ def check_pair(pair: dict, tol: float = TOL_FP32) -> dict:
         dw_only = torch.nn.grad.conv2d_weight(t["x"], t["w"].shape, t["dout"], padding=P)
     pairs = {"out": (mv[0], ref[0]), "dx": (mv[1], ref[1]), "dW": (mv[2], ref[2]), "db": (mv[3], ref[3])}
     errors = common.check_close(pairs, tol, what=f"{pair['case'].name} ({pair['case'].describe()})")
+    for algo, layer in pair.get("algos", {}).items():
+        got = minivgg_results(pair, layer)
+        errs = common.check_close({k: (a, b[1]) for (k, b), a in zip(pairs.items(), got)}, tol,
+                                  what=f"{pair['case'].name} ({pair['case'].describe()}), {algo}")
+        errors.update({f"{k} {algo}": v for k, v in errs.items()})
     common.check_close({"torch dx (nn.grad vs autograd)": (dx_only.cpu().numpy(), ref[1]),
                         "torch dW (nn.grad vs autograd)": (dw_only.cpu().numpy(), ref[2])},
                        1e-5 if tol <= TOL_FP32 else tol, what=f"{pair['case'].name} torch self-check")
@@ -208,6 +226,8 @@ def timed_functions(pair: dict) -> dict:
     tx, tw, tb, tdout = t["x"], t["w"], t["b"], t["dout"]
     x_shape, w_shape = tx.shape, tw.shape
     layer.forward(x)                                            # leaves the cache backward reads
+    for other in pair.get("algos", {}).values():
+        other.forward(x)
     y_graph = F.conv2d(tx, tw, tb, padding=P)                   # a graph autograd.grad can rerun
 
     def mv_total():
@@ -234,7 +254,14 @@ def timed_functions(pair: dict) -> dict:
         D @ cols.T
         Wm.T @ D
 
+    def algo_total(other):
+        def total():
+            other.forward(x)
+            other.backward(dout)
+        return total
+
     return {
+        **{f"algo_{name}_total": algo_total(other) for name, other in pair.get("algos", {}).items()},
         "gemm_forward": lambda: Wm @ cols,
         "gemm_backward": lambda: (D @ cols.T, Wm.T @ D),
         "gemm_total": gemm_total,
@@ -251,9 +278,9 @@ def timed_functions(pair: dict) -> dict:
 
 def bench_case(case: ConvCase, device: str = "cpu", repeats: int = 5, warmup: int = 1,
                min_time: float = 0.0, tol: float = TOL_FP32, seed: int = 0, progress=None,
-               network_layout: bool = True) -> dict:
+               network_layout: bool = True, algos=()) -> dict:
     """Check, then time, one conv shape; returns errors, timings (seconds) and derived figures."""
-    pair = make_pair(case, device, seed, network_layout)
+    pair = make_pair(case, device, seed, network_layout, algos)
     errors = check_pair(pair, tol)
 
     def on_round(i):
@@ -262,7 +289,10 @@ def bench_case(case: ConvCase, device: str = "cpu", repeats: int = 5, warmup: in
 
     timings = common.measure_many(timed_functions(pair), device, repeats=repeats, warmup=warmup,
                                   min_time=min_time, on_round=on_round)
-    return summarize_case(case, errors, timings)
+    result = summarize_case(case, errors, timings)
+    result["auto_picks"] = {name: other.algorithm(case.H, case.W) for name, other in pair["algos"].items()
+                            if hasattr(other, "algorithm")}
+    return result
 
 
 def summarize_case(case: ConvCase, errors: dict, timings: dict) -> dict:
@@ -277,6 +307,8 @@ def summarize_case(case: ConvCase, errors: dict, timings: dict) -> dict:
         "timings": {k: v.to_dict() for k, v in timings.items()},
         "ratio": {part: med[f"minivgg_{part}"] / med[f"torch_{part}"] for part in ("forward", "backward", "total")},
         "over_gemm": {part: med[f"minivgg_{part}"] / med[f"gemm_{part}"] for part in ("forward", "backward", "total")},
+        "algo_over_gemm": {k[len("algo_"):-len("_total")]: v / med["gemm_total"] for k, v in med.items()
+                           if k.startswith("algo_")},
         "gflops": {
             "minivgg_forward": ff / med["minivgg_forward"] / 1e9,
             "torch_forward": ff / med["torch_forward"] / 1e9,
@@ -303,6 +335,9 @@ def summarize(results: list[dict]) -> dict:
     worst = max(results, key=lambda r: r["over_gemm"]["total"])
     out["max_over_gemm_total"] = worst["over_gemm"]["total"]
     out["max_over_gemm_layer"] = worst["name"]
+    for algo in results[0].get("algo_over_gemm", {}):
+        out[f"geomean_over_gemm_{algo}"] = common.geomean(r["algo_over_gemm"][algo] for r in results)
+        out[f"network_seconds_{algo}_total"] = sum(r["count"] * r["seconds"][f"algo_{algo}_total"] for r in results)
     mv = sum(r["count"] * r["seconds"]["minivgg_total"] for r in results)
     tt = sum(r["count"] * r["seconds"]["torch_total"] for r in results)
     out["network_seconds_minivgg_total"] = mv
@@ -351,6 +386,19 @@ def format_report(results: list[dict], summary: dict) -> str:
         "autograd call that does the same; dx and dW alone are shown for torch only)",
         parts,
     ]
+    algos = list(results[0].get("algo_over_gemm", {}))
+    if algos:
+        rows = [[x["name"] + (f" (x{x['count']})" if x["count"] > 1 else ""), f(x["seconds"]["gemm_total"]),
+                 f(x["seconds"]["minivgg_total"]) + f" ({r(x['over_gemm']['total'])})"] +
+                [f(x["seconds"][f"algo_{a}_total"]) + f" ({r(x['algo_over_gemm'][a])})" for a in algos] +
+                [x.get("auto_picks", {}).get("auto", "")]
+                for x in results]
+        rows.append(["geomean x GEMM", "", r(summary["geomean_over_gemm_total"])] +
+                    [r(summary[f"geomean_over_gemm_{a}"]) for a in algos] + [""])
+        rows.append(["network ms", "", f"{summary['network_seconds_minivgg_total'] * 1e3:.1f}"] +
+                    [f"{summary[f'network_seconds_{a}_total'] * 1e3:.1f}" for a in algos] + [""])
+        lines += ["", "algorithms: forward + backward, median ms per call (x GEMM: / the im2col GEMM-only time)",
+                  common.table(["layer", "GEMM-only ms", "im2col-fast"] + algos + ["auto runs"], rows)]
     return "\n".join(lines)
 
 
@@ -386,8 +434,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nchw-inputs", action="store_true",
                    help="give minivgg NCHW-contiguous x and dout, as versions before the CHWN layout "
                         "(commit a7112ee and earlier) received them in a network")
+    p.add_argument("--algos", default=",".join(ALGOS),
+                   help="comma-separated engines of CONV_ENGINES to time beside the default im2col-fast, "
+                        f"'none' for none (default: {','.join(ALGOS)})")
     common.add_shared_options(p, checked="the check")
     args = p.parse_args(argv)
+    from minivgg.layers import CONV_ENGINES
+    args.algos = [] if args.algos.strip() in ("", "none") else [a.strip() for a in args.algos.split(",")]
+    unknown = sorted(set(args.algos) - set(CONV_ENGINES))
+    if unknown:
+        p.error(f"--algos: unknown {unknown}; choose from {sorted(CONV_ENGINES)}")
     if args.batch is None:
         args.batch = 4 if args.vgg16_224 else 64
     if args.min_time is None:
@@ -416,6 +472,8 @@ def main(argv=None) -> dict:
           f"{args.repeats} interleaved repeats after {args.warmup} warm-up, check tolerance {tol:g}")
     print(textwrap.fill(TORCH_METHOD, 100))
     print(textwrap.fill(GEMM_METHOD, 100))
+    if args.algos:
+        print(textwrap.fill(ALGO_METHOD, 100))
     print(flush=True)
 
     progress = common.Progress(total=(1 + args.repeats) * len(cases), desc="conv_speed",
@@ -424,7 +482,8 @@ def main(argv=None) -> dict:
     try:
         for case in cases:
             results.append(bench_case(case, args.device, args.repeats, args.warmup, args.min_time, tol,
-                                      args.seed, progress, network_layout=not args.nchw_inputs))
+                                      args.seed, progress, network_layout=not args.nchw_inputs,
+                                      algos=args.algos))
     except common.MismatchError as e:
         progress.close()
         raise SystemExit(f"check failed, nothing timed further: {e}")
@@ -435,7 +494,8 @@ def main(argv=None) -> dict:
     payload = {"benchmark": "conv_speed", "network": net, "batch": args.batch, "device": args.device,
                "dtype": "float32", "repeats": args.repeats, "warmup": args.warmup, "min_time": args.min_time,
                "tolerance": tol, "tf32": tf32, "nchw_inputs": args.nchw_inputs, "threads": args.threads, "threads_note": threads_note,
-               "method": TORCH_METHOD, "gemm_method": GEMM_METHOD, "machine": info, "layers": results, "summary": summary}
+               "method": TORCH_METHOD, "gemm_method": GEMM_METHOD,
+               "algos": args.algos, "machine": info, "layers": results, "summary": summary}
     if args.json:
         common.write_json(args.json, payload)
         print(f"\nwrote {args.json}")

@@ -42,7 +42,9 @@ import minivgg  # noqa: E402
 from minivgg import backend  # noqa: E402
 from minivgg.layers import Dropout  # noqa: E402
 from minivgg.losses import SoftmaxCrossEntropy  # noqa: E402
-from minivgg.models import build_model  # noqa: E402
+from minivgg.layers import CONV_ENGINES  # noqa: E402
+from minivgg.layers.conv_engines import DEFAULT_CONV_ENGINE  # noqa: E402
+from minivgg.models import VGG, build_model  # noqa: E402
 from minivgg.models.torch_interop import to_torch  # noqa: E402
 from minivgg.optim import Adam  # noqa: E402
 from minivgg.train import skip_input_grad  # noqa: E402
@@ -98,8 +100,18 @@ def make_batch(config: dict, seed: int = 0):
 
 
 def build_minivgg(config: dict, seed: int = 0):
+    """The minivgg model of config["model"], its convolutions by the engine config["conv_algo"]
+    (default: the models' default engine)."""
     minivgg.seed(seed)
-    return build_model(dict(config["model"]))
+    build_model(dict(config["model"]))     # refuses a config build_model would not take
+    minivgg.seed(seed)
+    return VGG(**config["model"], conv_algo=config.get("conv_algo", DEFAULT_CONV_ENGINE))
+
+
+def with_algo(config: dict, algo: str) -> dict:
+    """config with its convolutions computed by engine `algo`, named so in the report."""
+    name = config["name"] if algo == DEFAULT_CONV_ENGINE else f"{config['name']} [{algo}]"
+    return dict(config, conv_algo=algo, name=name)
 
 
 def torch_device(device: str) -> torch.device:
@@ -364,6 +376,7 @@ def summarize(config: dict, check: dict, mv: dict, tt: dict) -> dict:
     round_ratios = [a / b for a, b in zip(mv.get("round_medians", [mv["step"]["median"]]),
                                           tt.get("round_medians", [tt["step"]["median"]]))]
     return {"name": config["name"], "key": config["key"], "batch": config["batch"], "image": config["image"],
+            "conv_algo": config.get("conv_algo", DEFAULT_CONV_ENGINE),
             "model": config["model"], "check": check, "minivgg": mv, "torch": tt,
             "ratio_time": float(np.median(round_ratios)), "round_ratios": round_ratios,
             "ratio_memory": (mv["memory"]["peak_bytes"] / tt["memory"]["peak_bytes"]
@@ -427,11 +440,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="time minivgg then torch, each in a fresh subprocess, this many times; steps are "
                         "pooled per framework and the ratio is the median of the rounds' ratios, so "
                         "load from elsewhere that comes and goes lands on both (default 1)")
+    p.add_argument("--conv-algos", default=DEFAULT_CONV_ENGINE, metavar="A,B",
+                   help="comma-separated convolution engines for minivgg (of CONV_ENGINES: "
+                        f"{', '.join(sorted(CONV_ENGINES))}); with several, every round times each in "
+                        f"turn, then torch (default: {DEFAULT_CONV_ENGINE})")
     p.add_argument("--grad-tol", type=float, default=GRAD_TOL,
                    help=f"tolerance of the gradient check after step 1 (default {GRAD_TOL}; see the docs "
                         "of check_first_step for why it is loose)")
     common.add_shared_options(p, checked="the loss check")
     args = p.parse_args(argv)
+    args.conv_algos = [a.strip() for a in args.conv_algos.split(",") if a.strip()]
+    unknown = sorted(set(args.conv_algos) - set(CONV_ENGINES))
+    if unknown or not args.conv_algos:
+        p.error(f"--conv-algos: unknown {unknown or 'empty'}; choose from {sorted(CONV_ENGINES)}")
     if args.d2l_batch is None:
         args.d2l_batch = 16 if args.device == "cpu" else 128
     if min(args.batch, args.d2l_batch, args.steps, args.rounds) < 1 or args.warmup < 0:
@@ -455,31 +476,45 @@ def main(argv=None) -> dict:
           f"each round; loss check tolerance {tol:g}")
     print(flush=True)
 
-    progress = common.Progress(total=(1 + 2 * args.rounds) * len(configs), desc="train_speed",
-                               enabled=not args.no_progress)
+    algos = args.conv_algos
+    progress = common.Progress(total=(len(algos) + (1 + len(algos)) * args.rounds) * len(configs),
+                               desc="train_speed", enabled=not args.no_progress)
     results = []
-    for config in configs:
-        progress.step(f"{config['key']}: checking the losses agree")
-        try:
-            check = check_first_step(config, args.device, tol, args.seed, args.grad_tol)
-        except common.MismatchError as e:
-            progress.close()
-            raise SystemExit(f"check failed, nothing timed: {e}")
+    for base in configs:
+        variants = {algo: with_algo(base, algo) for algo in algos}
+        checks = {}
+        for algo, config in variants.items():
+            progress.step(f"{config['key']} [{algo}]: checking the losses agree")
+            try:
+                checks[algo] = check_first_step(config, args.device, tol, args.seed, args.grad_tol)
+            except common.MismatchError as e:
+                progress.close()
+                raise SystemExit(f"check failed, nothing timed: {e}")
         gc.collect()
-        runs = {"minivgg": [], "torch": []}
-        for i in range(args.rounds):
-            for fw in runs:
+        runs = {algo: [] for algo in algos}
+        torch_runs = []
+        for i in range(args.rounds):   # each engine, then torch: alternating, in the same run
+            for fw, config, into in [("minivgg", variants[a], runs[a]) for a in algos] + [("torch", base, torch_runs)]:
                 progress.step(f"{config['key']}: round {i + 1}/{args.rounds}, timing {fw} "
+                              f"{'[' + config.get('conv_algo', '') + '] ' if fw == 'minivgg' else ''}"
                               f"({args.warmup}+{args.steps} steps, subprocess)")
-                runs[fw].append(run_isolated(framework=fw, config=config, device=args.device, steps=args.steps,
-                                             warmup=args.warmup, seed=args.seed, threads=args.threads,
-                                             tf32=args.tf32))
-        results.append(summarize(config, check, pool_rounds(runs["minivgg"]), pool_rounds(runs["torch"])))
+                into.append(run_isolated(framework=fw, config=config, device=args.device, steps=args.steps,
+                                         warmup=args.warmup, seed=args.seed, threads=args.threads,
+                                         tf32=args.tf32))
+        torch_pooled = pool_rounds(torch_runs)
+        for algo in algos:
+            results.append(summarize(variants[algo], checks[algo], pool_rounds(runs[algo]), torch_pooled))
     progress.close()
     print(format_report(results, args.device))
+    if len(algos) > 1:
+        first = {r["key"]: r for r in results if r["model"] and r.get("conv_algo", algos[0]) == algos[0]}
+        for r in results:
+            if r.get("conv_algo", algos[0]) != algos[0]:
+                speedup = r["minivgg"]["images_per_second"] / first[r["key"]]["minivgg"]["images_per_second"]
+                print(f"{r['name']}: {speedup:.2f}x the images/s of {algos[0]} (same run)")
 
     payload = {"benchmark": "train_speed", "device": args.device, "dtype": "float32", "steps": args.steps,
-               "rounds": args.rounds,
+               "rounds": args.rounds, "conv_algos": algos,
                "warmup": args.warmup, "tolerance": tol, "tf32": tf32, "threads": args.threads,
                "threads_note": threads_note, "optimizer": {"name": "Adam", "lr": LR},
                "memory_method": MEMORY_METHOD[args.device], "machine": info, "results": results}

@@ -25,6 +25,7 @@ except ImportError:  # run from a checkout without PYTHONPATH=. or pip install -
 
 from minivgg.train import options as option_table  # noqa: E402
 from minivgg.train.options import FIXED, IGNORED, MAY_CHANGE, Option, OptionError, Section  # noqa: E402
+from minivgg.layers.conv_engines import CONV_ENGINES  # noqa: E402
 
 
 def hidden_widths(text) -> tuple[int, ...]:
@@ -106,6 +107,10 @@ OPTIONS = [
     Option("pool_size", 1, int, "the classic head pools the last feature map to PxP (7 as torchvision at "
            "224x224; 1 suits 32x32 inputs, whose last map is 1x1)", FIXED, metavar="P"),
     Option("dropout", 0.0, float, "dropout after each hidden Linear", FIXED),
+    Option("conv_algo", "im2col-fast", str, "how the convolutions are computed (the same results, to rounding): "
+           "im2col-fast (im2col + GEMM, tuned), winograd2 / winograd4 (Winograd's F(2x2,3x3) / F(4x4,3x3)), "
+           "auto (one of those per layer by a rule from its shapes), im2col (the textbook); a resumed run may "
+           "switch", MAY_CHANGE, choices=tuple(sorted(CONV_ENGINES))),
     Option("init", "xavier", str, "weight init: kaiming (torchvision's) or xavier (d2l's)", FIXED,
            choices=("kaiming", "xavier")),
     Option("init_from", None, str, "copy the convolutional weights (features.*) from a minivgg checkpoint before "
@@ -405,7 +410,7 @@ def make_model(args, num_classes, channels):
     try:
         model = VGG(arch, num_classes=num_classes, in_channels=channels, width_ratio=args.width_ratio,
                     head=args.head, hidden=args.hidden, pool_size=args.pool_size, dropout=args.dropout,
-                    init=args.init)
+                    init=args.init, conv_algo=args.conv_algo)
     except ValueError as e:   # VGG checks its arguments (e.g. a --width-ratio that leaves no channels)
         raise UsageError(f"the model cannot be built from these options: {e}") from None
     if args.init_from:

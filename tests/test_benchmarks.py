@@ -230,3 +230,16 @@ def test_threads_after_gemm_times_every_environment(tmp_path, capsys):
     assert [r["environment"] for r in payload["runs"]] == list(threads_after_gemm.ENVIRONMENTS)
     assert all(len(r["ms"]) == 2 and min(r["ms"].values()) > 0 for r in payload["runs"])
     assert "OPENBLAS_THREAD_TIMEOUT=4" in capsys.readouterr().out and json.loads(out.read_text())["runs"]
+
+
+def test_conv_bench_times_and_checks_each_algorithm():
+    r = conv_speed.bench_case(TINY_CONV, repeats=1, warmup=0, algos=("winograd2", "auto"))
+    assert set(r["algo_over_gemm"]) == {"winograd2", "auto"} and min(r["algo_over_gemm"].values()) > 0
+    assert r["rel_err"]["dW winograd2"] < 1e-4 and r["auto_picks"] == {"winograd2": "winograd2", "auto": "im2col"}
+    summary = conv_speed.summarize([r])
+    assert summary["geomean_over_gemm_winograd2"] == pytest.approx(r["algo_over_gemm"]["winograd2"])
+    assert "winograd2" in conv_speed.format_report([r], summary)
+    pair = conv_speed.make_pair(TINY_CONV, algos=("winograd4",))
+    pair["algos"]["winograd4"].params["weight"][...] += 0.05    # only the Winograd layer is wrong
+    with pytest.raises(common.MismatchError, match="winograd4"):
+        conv_speed.check_pair(pair)

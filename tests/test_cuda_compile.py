@@ -141,13 +141,19 @@ VGG16 = dict(N=128, C=64, H=224, W=224)   # conv1_2 of VGG-16 at 224x224, batch 
 
 
 def drive(g, cp, dtype, N, C, H, W):
-    """Every launcher of gpu.py, once each: a 3x3 pad-1 convolution's im2col/col2im, a 2x2 max-pool."""
+    """Every launcher of gpu.py: a 3x3 pad-1 convolution's im2col/col2im and its Winograd F(4x4,3x3) tiles, a 2x2 max-pool."""
     x = cp.empty((N, C, H, W), dtype)
     cols = g.im2col_gpu(x, 3, 3, (1, 1), (1, 1))
     g.col2im_gpu(cols, x.shape, 3, 3, (1, 1), (1, 1))
     out, argmax = g.maxpool_forward_gpu(x, 2, 2, (2, 2), (0, 0))
     g.maxpool_backward_gpu(out, argmax, x.shape, 2, 2, (2, 2), (0, 0))
     g.uniform_gpu((N, C * H * W), seed=2**63 + 5, offset=2**40)
+    m, a = 4, 6                     # Winograd F(4x4, 3x3): 6x6 input tiles, 4x4 output tiles
+    tiles = (-(-H // m), -(-W // m))
+    V = g.winograd_tiles_gpu(x, cp.empty((a, a), np.float64), m, (1, 1), tiles)    # (a*a, C, P): B^T d B
+    Y = cp.empty((m * m, C, tiles[0] * tiles[1] * N), dtype)
+    g.winograd_untile_gpu(Y, m, m, (0, 0), (N, C, H, W), tiles, cp.empty(C, dtype))    # forward: + bias
+    g.winograd_untile_gpu(V, a, m, (1, 1), (N, C, H, W), tiles)                        # backward: dx
 
 
 def record(g, monkeypatch):

@@ -10,11 +10,12 @@ import os
 
 from ..backend import device_memory, is_gpu_array
 from .cpu import (col2im_cpu, col2im_naive, im2col_cpu, im2col_naive, maxpool_backward_cpu, maxpool_forward_cpu,
-                  out_size, pad_input)
+                  out_size, pad_input, winograd_tiles_cpu, winograd_untile_cpu)
 from .threads import get_num_threads, set_num_threads
 
-__all__ = ["im2col", "col2im", "im2col_naive", "col2im_naive", "maxpool_forward", "maxpool_backward", "out_size", "pad_input",
-           "set_workspace_limit", "get_workspace_limit", "gpu_workspace_default", "batch_chunks", "set_num_threads", "get_num_threads"]
+__all__ = ["im2col", "col2im", "winograd_tiles", "winograd_untile", "im2col_naive", "col2im_naive", "maxpool_forward",
+           "maxpool_backward", "out_size", "pad_input", "set_workspace_limit", "get_workspace_limit",
+           "gpu_workspace_default", "batch_chunks", "set_num_threads", "get_num_threads"]
 
 # Scratch budget of one convolution's columns, in bytes. im2col makes an array
 # KH*KW times the input's size; the batch is cut into chunks that fit.
@@ -104,3 +105,19 @@ def maxpool_backward(dout, argmax, x_shape, KH, KW, stride, pad):
     if is_gpu_array(dout):
         return _gpu().maxpool_backward_gpu(dout, argmax, x_shape, KH, KW, stride, pad)
     return maxpool_backward_cpu(dout, argmax, x_shape, KH, KW, stride, pad)
+
+
+def winograd_tiles(x, L, step: int, pad: tuple, tiles: tuple):
+    """x (N, C, H, W) -> (k*k, C, TH*TW*N): every q x q tile of the zero-padded x, at a stride
+    of `step`, as L d L^T (L (k, q), on x's device; float64 on the GPU)."""
+    if is_gpu_array(x):
+        return _gpu().winograd_tiles_gpu(x, L, step, pad, tiles)
+    return winograd_tiles_cpu(x, L, step, pad, tiles)
+
+
+def winograd_untile(T, q: int, step: int, pad: tuple, shape: tuple, tiles: tuple, bias=None):
+    """T (q*q, C, TH*TW*N) -> (N, C, H, W): the tiles added back onto the map (overlaps sum),
+    cropped by `pad`, plus bias (C,) if given; the adjoint of winograd_tiles' gather."""
+    if is_gpu_array(T):
+        return _gpu().winograd_untile_gpu(T, q, step, pad, shape, tiles, bias)
+    return winograd_untile_cpu(T, q, step, pad, shape, tiles, bias)

@@ -196,3 +196,72 @@ def maxpool_backward_cpu(dout, argmax, x_shape, KH: int, KW: int, stride: tuple,
 
     over_blocks(block, C, dxpad[:, :1].nbytes)
     return dxpad[:, :, ph:ph + H, pw:pw + W]                           # (N, C, H, W)
+
+
+# ---------------------------------------------------------------------------
+# Winograd's tile transforms (layers/conv_winograd.py): a map cut into overlapping square
+# tiles, each multiplied by a small matrix on both sides, and back. T below is the
+# "tile domain": (k*k, C, TH*TW*N), entry (i, j) of every tile in row i*k + j, the
+# tiles in (th, tw, n) order, so each of the k*k rows is one GEMM operand of shape (C, P).
+# ---------------------------------------------------------------------------
+def winograd_tiles_cpu(x, L, step: int, pad: tuple, tiles: tuple):
+    """x (N, C, H, W) -> (k*k, C, TH*TW*N): tile (th, tw) is the q x q window of x, padded by
+    `pad` with zeros, at (th*step, tw*step) of the padded map, sent out as L d L^T (L (k, q)).
+
+    Two passes: one copy gathers the windows (q, q, C, TH, TW, N) from x's CHWN memory
+    (split over the cores), and one GEMM, kron(L, L) (k*k, q*q) @ windows (q*q, C*P),
+    transforms them all: vec(L d L^T) = kron(L, L) vec(d) for row-major vec.
+    """
+    N, C, H, W = x.shape
+    k, q = L.shape
+    (TH, TW), (ph, pw) = tiles, pad
+    Hp, Wp = (TH - 1) * step + q, (TW - 1) * step + q                 # the padded map the tiles cover
+    xc = x.transpose(1, 2, 3, 0)                                      # (C, H, W, N) view
+    if (ph, pw, Hp, Wp) == (0, 0, H, W):
+        xpad = np.ascontiguousarray(xc)                               # no copy when x is CHWN already
+    else:
+        xpad = np.zeros((C, Hp, Wp, N), dtype=x.dtype)                # (C, Hp, Wp, N)
+        h, w = min(H, Hp - ph), min(W, Wp - pw)
+        parallel_copyto(xpad[:, ph:ph + h, pw:pw + w], xc[:, :h, :w])
+    sC, sH, sW, sN = xpad.strides
+    windows = as_strided(xpad, shape=(q, q, C, TH, TW, N),
+                         strides=(sH, sW, sC, sH * step, sW * step, sN), writeable=False)
+    d = np.empty((q, q, C, TH, TW, N), dtype=x.dtype)                 # (q, q, C, TH, TW, N)
+    parallel_copyto(d, windows)
+    K = np.kron(L, L).astype(x.dtype, copy=False)                     # (k*k, q*q)
+    return (K @ d.reshape(q * q, -1)).reshape(k * k, C, TH * TW * N)  # (k*k, C, P)
+
+
+def winograd_untile_cpu(T, q: int, step: int, pad: tuple, shape: tuple, tiles: tuple, bias=None):
+    """The way back: T (q*q, C, TH*TW*N) -> (N, C, H, W) (a view of a CHWN array): each tile's
+    q x q entries added onto the padded map at (th*step, tw*step) (tiles overlap when
+    q > step and their entries add up there), cropped by `pad`, plus bias (C,) if given.
+
+    q >= step. The tiles' first step x step entries cover the map without overlap: one copy
+    (with the bias added in it) writes them, and each remaining offset (a, b) adds its
+    entries in one strided pass; each core takes its own channels.
+    """
+    N, C, H, W = shape
+    (TH, TW), (ph, pw) = tiles, pad
+    Hp, Wp = (TH - 1) * step + q, (TW - 1) * step + q
+    T6 = T.reshape(q, q, C, TH, TW, N)
+    out = np.empty((C, Hp, Wp, N), dtype=T.dtype)                     # (C, Hp, Wp, N)
+
+    def part(c):                           # the channels c
+        o = out[c]
+        edge = 0 if bias is None else bias[c].reshape(-1, 1, 1, 1)      # past the first entries' cover
+        o[:, TH * step:] = edge
+        o[:, :, TW * step:] = edge
+        core = o[:, :TH * step, :TW * step].reshape(-1, TH, step, TW, step, N)  # (c, TH, step, TW, step, N) view
+        first = T6[:step, :step, c].transpose(2, 3, 0, 4, 1, 5)       # (c, TH, step, TW, step, N) view
+        if bias is None:
+            np.copyto(core, first)
+        else:
+            np.add(first, bias[c].reshape(-1, 1, 1, 1, 1, 1), out=core)
+        for a in range(q):
+            for b in range(q):
+                if a >= step or b >= step:
+                    o[:, a:a + step * TH:step, b:b + step * TW:step] += T6[a, b, c]   # (c, TH, TW, N)
+
+    over_cores(part, C, T.nbytes)
+    return out[:, ph:ph + H, pw:pw + W].transpose(3, 0, 1, 2)         # (N, C, H, W) view

@@ -18,7 +18,7 @@ from .cpu import out_size
 SOURCE = Path(__file__).with_name("kernels.cu")
 # dtype -> the C++ type its template is instantiated with
 CTYPES = {np.dtype(np.float16): "__half", np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
-TEMPLATES = ("im2col", "col2im", "maxpool_forward", "maxpool_backward")
+TEMPLATES = ("im2col", "col2im", "maxpool_forward", "maxpool_backward", "winograd_tiles", "winograd_untile")
 NAME_EXPRESSIONS = [f"{k}<{t}>" for k in TEMPLATES for t in CTYPES.values()]
 BLOCK = 256            # threads per block
 MAX_BLOCKS = 65535     # the grid-stride loops cover any size with at most this many blocks
@@ -108,6 +108,35 @@ def maxpool_backward_gpu(dout, argmax, x_shape, KH: int, KW: int, stride: tuple,
             chwn(argmax.astype(cp.int32, copy=False)), dx,
             *_i32(N, C, H, W, KH, KW, OH, OW, stride[0], stride[1], pad[0], pad[1]))
     return as_nchw(dx)
+
+
+WINOGRAD_MAX = 6       # the largest tile side kernels.cu's Winograd kernels hold (F(4x4, 3x3)'s 6)
+
+
+def winograd_tiles_gpu(x, L, step: int, pad: tuple, tiles: tuple):
+    """x (N, C, H, W) -> (k*k, C, TH*TW*N), every tile as L d L^T, as winograd_tiles_cpu;
+    L (k, q) is a device array, read as float64."""
+    N, C, H, W = x.shape
+    k, q = L.shape
+    if max(k, q) > WINOGRAD_MAX:
+        raise ValueError(f"winograd_tiles_gpu: tiles of at most {WINOGRAD_MAX}x{WINOGRAD_MAX}, got L {k}x{q}")
+    TH, TW = tiles
+    out = cp.empty((k * k, C, TH * TW * N), dtype=x.dtype)
+    _launch(_kernel("winograd_tiles", x.dtype), C * TH * TW * N, chwn(x), out,
+            cp.ascontiguousarray(L, dtype=cp.float64),
+            *_i32(k, q, step, N, C, H, W, TH, TW, pad[0], pad[1]))
+    return out
+
+
+def winograd_untile_gpu(T, q: int, step: int, pad: tuple, shape: tuple, tiles: tuple, bias=None):
+    """T (q*q, C, TH*TW*N) -> (N, C, H, W) (a view of a CHWN array), as winograd_untile_cpu."""
+    N, C, H, W = shape
+    TH, TW = tiles
+    out = cp.empty((C, H, W, N), dtype=T.dtype)
+    b = cp.ascontiguousarray(bias) if bias is not None else cp.empty(1, dtype=T.dtype)
+    _launch(_kernel("winograd_untile", T.dtype), out.size, cp.ascontiguousarray(T), b, out,
+            *_i32(bias is not None, q, step, N, C, H, W, TH, TW, pad[0], pad[1]))
+    return as_nchw(out)
 
 
 def uniform_gpu(shape, seed: int, offset: int):

@@ -142,6 +142,82 @@ __global__ void maxpool_backward(const T* dout, const int* argmax, T* dx, int N,
     }
 }
 
+// Winograd's tile transforms (minivgg/layers/conv_winograd.py, kernels/cpu.py's winograd_*_cpu).
+// The tile domain is (k*k, C, P), P = TH*TW*N: entry (u, v) of tile (th, tw) of image b in row
+// u*k + v, column c*P + (th*TW + tw)*N + b, so each of the k*k rows is one GEMM operand (C, P).
+// Tiles are at most WINOGRAD_MAX on a side (6: F(4x4, 3x3)); gpu.py checks it.
+#define WINOGRAD_MAX 6
+
+// dst (k*k, C, P) <- src (C, H, W, N): tile (th, tw) is the q x q window at (th*step - ph,
+// tw*step - pw) of src (0 outside it), sent out as L d L^T, L a row-major (k, q) matrix.
+// One thread per tile and channel: it reads the window once and writes its k*k entries.
+template <typename T>
+__global__ void winograd_tiles(const T* src, T* dst, const double* L, int k, int q, int step,
+                               int N, int C, int H, int W, int TH, int TW, int ph, int pw) {
+    typedef typename Acc<T>::type acc_t;
+    const long long P = (long long)TH * TW * N;
+    const long long total = (long long)C * P;
+    GRID_STRIDE_LOOP(i, total) {
+        long long t = i;
+        const int b  = t % N;   t /= N;
+        const int tw = t % TW;  t /= TW;
+        const int th = t % TH;  const int c = t / TH;
+        acc_t d[WINOGRAD_MAX][WINOGRAD_MAX];
+        for (int a = 0; a < q; ++a) {
+            const int y = th * step - ph + a;
+            for (int e = 0; e < q; ++e) {
+                const int xx = tw * step - pw + e;
+                const bool inside = y >= 0 && y < H && xx >= 0 && xx < W;
+                d[a][e] = inside ? static_cast<acc_t>(src[(((long long)c * H + y) * W + xx) * N + b])
+                                 : static_cast<acc_t>(0.0f);
+            }
+        }
+        acc_t r[WINOGRAD_MAX][WINOGRAD_MAX];   // r = L d, (k, q)
+        for (int u = 0; u < k; ++u)
+            for (int e = 0; e < q; ++e) {
+                acc_t s = 0;
+                for (int a = 0; a < q; ++a) s += static_cast<acc_t>(L[u * q + a]) * d[a][e];
+                r[u][e] = s;
+            }
+        for (int u = 0; u < k; ++u)            // (L d) L^T
+            for (int v = 0; v < k; ++v) {
+                acc_t s = 0;
+                for (int e = 0; e < q; ++e) s += r[u][e] * static_cast<acc_t>(L[v * q + e]);
+                dst[(long long)(u * k + v) * total + i] = static_cast<T>(s);
+            }
+    }
+}
+
+// dst (C, H, W, N) <- src (q*q, C, P), the way back: pixel (y, xx) sums entry (a, e) of every
+// tile (th, tw) that covers it in the padded map, th*step + a == y + ph and tw*step + e ==
+// xx + pw (tiles overlap when q > step), plus bias[c] when has_bias. It gathers, so no atomics.
+template <typename T>
+__global__ void winograd_untile(const T* src, const T* bias, T* dst, int has_bias, int q, int step,
+                                int N, int C, int H, int W, int TH, int TW, int ph, int pw) {
+    typedef typename Acc<T>::type acc_t;
+    const long long P = (long long)TH * TW * N;
+    const long long plane = (long long)C * P;
+    const long long total = (long long)C * H * W * N;
+    GRID_STRIDE_LOOP(i, total) {
+        long long t = i;
+        const int b  = t % N;  t /= N;
+        const int xx = t % W;  t /= W;
+        const int y  = t % H;  const int c = t / H;
+        const int yp = y + ph, xp = xx + pw;
+        acc_t acc = has_bias ? static_cast<acc_t>(bias[c]) : static_cast<acc_t>(0.0f);
+        for (int th = yp / step; th >= 0 && yp - th * step < q; --th) {
+            if (th >= TH) continue;
+            for (int tw = xp / step; tw >= 0 && xp - tw * step < q; --tw) {
+                if (tw >= TW) continue;
+                const int a = yp - th * step, e = xp - tw * step;
+                acc += static_cast<acc_t>(src[(long long)(a * q + e) * plane + (long long)c * P +
+                                              ((long long)th * TW + tw) * N + b]);
+            }
+        }
+        dst[i] = static_cast<T>(acc);
+    }
+}
+
 // Philox-4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011), the
 // counter-based generator behind cuRAND's Philox, JAX and PyTorch's CUDA dropout. Ten rounds
 // of multiply-and-xor mix a 128-bit counter under a 64-bit key; the same (key, counter) always

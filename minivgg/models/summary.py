@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..layers import Layer
+from ..layers import Conv2d, Layer
 from .registry import describe
 
 MB = 2.0 ** 20
@@ -26,6 +26,17 @@ def layer_output_shape(layer: Layer, shape: tuple, who: str = "summary") -> tupl
 def layer_macs(layer: Layer, in_shape: tuple, out_shape: tuple) -> int:
     """Multiply-adds per sample: Conv2d OH*OW*F*C*KH*KW, Linear I*O, others 0 (see registry.py)."""
     return describe(layer, "summary").macs(layer, in_shape, out_shape)
+
+
+def conv_algorithm(layer: Layer, in_shape: tuple) -> str:
+    """The algorithm a Conv2d engine runs on a (C, H, W) input ('im2col', 'winograd2',
+    'winograd4'; engines without a choice are im2col); '' for other layers."""
+    if not isinstance(layer, Conv2d):
+        return ""
+    choose = getattr(layer, "algorithm", None)
+    if choose is None:
+        return "im2col"
+    return choose(in_shape[1], in_shape[2], layer.params["weight"].dtype)
 
 
 def leaf_layers(model: Layer):
@@ -53,7 +64,7 @@ def trace(model: Layer, input_shape, who: str = "summary") -> list[dict]:
         rows.append({"name": name, "type": type(layer).__name__, "in_shape": shape,
                      "out_shape": out, "params": sum(int(p.size) for p in layer.params.values()),
                      "trainable": not layer.frozen, "macs": layer_macs(layer, shape, out),
-                     "view": describe(layer).view})
+                     "view": describe(layer).view, "algo": conv_algorithm(layer, shape)})
         shape = out
     return rows
 
@@ -62,7 +73,8 @@ def summary(model: Layer, input_shape, batch_size: int = 1, show: bool = False) 
     """A table of every leaf layer and the model's totals, as torchsummary prints.
 
     Columns: layer name, type, output shape [-1, ...], parameters, multiply-adds
-    per sample, and the activation memory of the output for `batch_size` samples.
+    per sample, the activation memory of the output for `batch_size` samples, and each
+    convolution's algorithm at this input size (im2col, winograd2, winograd4; see conv_engines).
     Totals: parameters (all and trainable), parameter MB, input MB,
     forward/backward pass MB (every layer output, kept for backward, and its
     gradient: 2 x activations; Flatten is a view and allocates nothing),
@@ -75,7 +87,7 @@ def summary(model: Layer, input_shape, batch_size: int = 1, show: bool = False) 
     itemsize = params[0][1].dtype.itemsize if params else 4
     in_shape = rows[0]["in_shape"] if rows else tuple(input_shape)
 
-    header = f"{'Layer':<16} {'Type':<18} {'Output shape':<22} {'Params':>13} {'Mult-adds':>15} {'Activ.':>10}"
+    header = f"{'Layer':<16} {'Type':<18} {'Output shape':<22} {'Params':>13} {'Mult-adds':>15} {'Activ.':>10}  Algo"
     rule = "=" * len(header)
     lines = [f"{getattr(model, 'arch', type(model).__name__)}  input {list(in_shape)}, "
              f"batch {batch_size}, {np.dtype(params[0][1].dtype).name if params else 'float32'}",
@@ -86,7 +98,7 @@ def summary(model: Layer, input_shape, batch_size: int = 1, show: bool = False) 
         mem = 0 if r["view"] else n_out * itemsize
         activ += mem
         lines.append(f"{r['name']:<16} {r['type']:<18} {str([-1, *r['out_shape']]):<22} "
-                     f"{r['params']:>13,} {r['macs']:>15,} {_fmt_bytes(mem):>10}")
+                     f"{r['params']:>13,} {r['macs']:>15,} {_fmt_bytes(mem):>10}  {r['algo']}".rstrip())
     total = sum(int(p.size) for _, p, _ in params)
     trainable = sum(r["params"] for r in rows if r["trainable"])
     macs = sum(r["macs"] for r in rows)

@@ -13,8 +13,9 @@ import math
 import numpy as np
 
 from .. import backend, random_stream
-from ..layers import (AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, Layer, Linear,
+from ..layers import (CONV_ENGINES, AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, Layer, Linear,
                       MaxPool2d, ReLU, Sequential, make_conv2d)
+from ..layers.conv_engines import DEFAULT_CONV_ENGINE
 
 # The paper's Table 1: a number is a 3x3 conv (padding 1) with that many
 # output channels, each followed by ReLU; "M" is a 2x2 max-pool, stride 2.
@@ -44,12 +45,13 @@ def parse_arch(arch: str) -> tuple[str, bool]:
 
 
 def make_features(cfg: list, in_channels: int = 3, batch_norm: bool = False,
-                  width_ratio: int = 1, channels=None) -> Sequential:
+                  width_ratio: int = 1, channels=None, conv_algo: str = DEFAULT_CONV_ENGINE) -> Sequential:
     """The convolutional trunk: conv3 (+BN) + ReLU per number, MaxPool2d per 'M'.
 
     width_ratio divides every conv channel count (d2l's small_conv_arch), so
     width_ratio=4 turns 64..512 into 16..128. channels, if given, is every
     conv's width in order (a pruned network's), in place of cfg // width_ratio.
+    conv_algo names the convolution engine of every conv (one of CONV_ENGINES).
     """
     layers: list[Layer] = []
     c = in_channels
@@ -60,7 +62,7 @@ def make_features(cfg: list, in_channels: int = 3, batch_norm: bool = False,
             layers.append(MaxPool2d(kernel_size=2, stride=2))
             continue
         f = next(widths)
-        layers.append(make_conv2d(c, f, kernel_size=3, padding=1))   # the tuned engine
+        layers.append(make_conv2d(c, f, kernel_size=3, padding=1, algo=conv_algo))
         if batch_norm:
             layers.append(BatchNorm2d(f))
         layers.append(ReLU())
@@ -107,12 +109,20 @@ class VGG(Layer):
         init         'kaiming' (torchvision's) or 'xavier' (d2l's), see init_weights
         channels     every conv's width in order, overriding width_ratio (a pruned VGG's;
                      see minivgg.models.prune)
+    And conv_algo, the convolution engine of every conv (one of CONV_ENGINES: 'im2col-fast'
+    by default, 'winograd2', 'winograd4', 'auto', or the textbook 'im2col'). It changes how
+    the convolutions are computed, not what (the results agree to rounding), so it is not part
+    of .config: a checkpoint loads into a VGG of any engine.
     """
 
     def __init__(self, arch: str = "vgg16", num_classes: int = 1000, in_channels: int = 3,
                  width_ratio: int = 1, head: str = "classic", hidden=None, pool_size: int = 7,
-                 dropout: float = 0.5, init: str = "kaiming", channels=None):
+                 dropout: float = 0.5, init: str = "kaiming", channels=None,
+                 conv_algo: str = DEFAULT_CONV_ENGINE):
         super().__init__()
+        if conv_algo not in CONV_ENGINES:
+            raise ValueError(f"conv_algo must be one of {sorted(CONV_ENGINES)}, got {conv_algo!r}")
+        self.conv_algo = conv_algo
         base, batch_norm = parse_arch(arch)
         _check_int("num_classes", num_classes, 1)
         _check_int("in_channels", in_channels, 1)
@@ -149,7 +159,7 @@ class VGG(Layer):
         if channels is not None:
             self.config["channels"] = channels
 
-        self.features = make_features(self.cfg, in_channels, batch_norm, width_ratio, channels)
+        self.features = make_features(self.cfg, in_channels, batch_norm, width_ratio, channels, conv_algo)
         c_last = channels[-1] if channels is not None else \
             [v for v in self.cfg if v != "M"][-1] // width_ratio
         p = pool_size if head == "classic" else 1
