@@ -41,6 +41,7 @@ DEFAULTS = {
     "distributed": False, "sync_bn": False,
     "stream": False,
     "amp": False, "amp_growth_interval": 2000,
+    "freeze_blocks": None, "unfreeze_at": None, "unfreeze_blocks": None, "finetune_lr": None,
 }
 
 # Named recipes: each overrides DEFAULTS; flags given on the command line override both.
@@ -65,13 +66,13 @@ RUN_OPTIONS = ("model", "bn", "init", "dataset", "data_dir", "image_size", "chan
                "schedule", "warmup", "label_smoothing", "clip_norm", "augment", "crop_padding", "normalize", "seed",
                "batch_size", "accum_steps", "freeze_features", "train_subset", "val_size", "test_subset",
                "lr", "out", "patience", "sync_bn", "epochs", "skip_bad_images", "stream",
-               "amp", "amp_growth_interval")
+               "amp", "amp_growth_interval", "freeze_blocks", "unfreeze_at", "unfreeze_blocks", "finetune_lr")
 # Of those, the ones a resumed run cannot change: the weights, optimizer state, schedule and data split
 # in the checkpoint were made with them, so a different typed value is refused (not silently ignored).
 FIXED_ON_RESUME = ("model", "bn", "init", "dataset", "image_size", "channels", "width_ratio", "head", "hidden",
                    "pool_size", "dropout", "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup",
                    "normalize", "seed", "batch_size", "accum_steps", "freeze_features", "train_subset",
-                   "val_size")
+                   "val_size", "freeze_blocks", "unfreeze_at", "unfreeze_blocks", "finetune_lr")
 
 EPILOG = """\
 examples:
@@ -195,6 +196,14 @@ def make_parser(suppress: bool = False) -> argparse.ArgumentParser:
                         "training, for fine-tuning; the head starts fresh")
     g.add_argument("--freeze-features", action=argparse.BooleanOptionalAction, default=D("freeze_features"),
                    help="train only the head: the convolutional layers keep their weights")
+    g.add_argument("--freeze-blocks", type=int, default=D("freeze_blocks"), metavar="K",
+                   help="freeze the first K convolutional blocks (5 = --freeze-features); their BatchNorm runs in eval mode")
+    g.add_argument("--unfreeze-at", type=int, default=D("unfreeze_at"), metavar="EPOCH",
+                   help="second phase after EPOCH epochs: unfreeze the top --unfreeze-blocks, restart the optimizer")
+    g.add_argument("--unfreeze-blocks", type=int, default=D("unfreeze_blocks"), metavar="N",
+                   help="with --unfreeze-at: how many of the frozen blocks (the top ones) train (default: all)")
+    g.add_argument("--finetune-lr", type=float, default=D("finetune_lr"), metavar="LR",
+                   help="with --unfreeze-at: the second phase's peak learning rate (default: --lr / 10)")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=D("dataset"), metavar="NAME",
@@ -490,6 +499,26 @@ def make_optimizer(args, model, steps_per_epoch):
     return opt, sched
 
 
+def transfer_phases(args, model, steps_per_epoch):
+    """--freeze-blocks now, and the Unfreeze of --unfreeze-at (or None)."""
+    from minivgg.optim import make_scheduler
+    from minivgg.train import Unfreeze, freeze_blocks, frozen_blocks
+    if args.freeze_blocks is not None:
+        try:
+            freeze_blocks(model, args.freeze_blocks)
+        except ValueError as e:
+            raise UsageError(f"--freeze-blocks {args.freeze_blocks}: {e}") from None
+    if args.unfreeze_at is None:
+        return None
+    k = frozen_blocks(model)
+    n = k if args.unfreeze_blocks is None else args.unfreeze_blocks
+    if not 1 <= args.unfreeze_at < args.epochs or k == 0 or not 1 <= n <= k:
+        raise UsageError(f"--unfreeze-at {args.unfreeze_at} needs frozen blocks (--freeze-blocks or --freeze-features; "
+                         f"{k} frozen), 1 <= --unfreeze-at < --epochs {args.epochs} and 1 <= --unfreeze-blocks <= {k}")
+    return Unfreeze(args.unfreeze_at, k - n, args.finetune_lr or args.lr / 10,
+                    lambda opt, epochs: make_scheduler(args.schedule, opt, epochs, steps_per_epoch))
+
+
 # -- data parallel --------------------------------------------------------------------------------
 def start_distributed(args):
     """Join the MPI job: the rank's device, rank 0 alone prints, draws progress bars and plots."""
@@ -551,6 +580,7 @@ def run(args) -> int:
     model = make_model(args, len(data["classes"]), C)
     if args.freeze_features:
         freeze_features(model)
+    unfreeze = transfer_phases(args, model, max(1, len(train_loader) // args.accum_steps))
     if dist is not None:
         join_model(args, dist, model, data, train_loader)
     print(summary(model, (1, C, S, S), batch_size=args.batch_size))
@@ -565,7 +595,8 @@ def run(args) -> int:
                       extra=extra, plots=args.plots, progress=args.progress,
                       skip_input_grad=True,   # the images need no gradient (as in torch)
                       distributed=dist,
-                      amp=LossScaler(growth_interval=args.amp_growth_interval) if args.amp else False)
+                      amp=LossScaler(growth_interval=args.amp_growth_interval) if args.amp else False,
+                      unfreeze=unfreeze)
     out.mkdir(parents=True, exist_ok=True)
     if args.plots:
         draw_architecture(model, (C, S, S), out / "architecture.png")
