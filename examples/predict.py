@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python examples/predict.py --checkpoint runs/vgg11_bn-fashion-mnist/best.npz shirt.jpg boot.png
     PYTHONPATH=. python examples/predict.py --pretrained vgg16.safetensors cat.jpg   # ImageNet's top-5
+    PYTHONPATH=. python examples/predict.py --checkpoint best.npz --explain out/ boot.png   # what it looks at
 
 With --pretrained, the weights are ImageNet VGG weights as torchvision or timm publish them
 (.safetensors read without torch; .pth through torch), and the images get ImageNet's
@@ -29,11 +30,12 @@ examples:
   python examples/predict.py --checkpoint runs/vgg11_bn-fashion-mnist/best.npz photo.jpg
   python examples/predict.py --checkpoint best.npz --top 3 --device gpu *.png
   python examples/predict.py --pretrained vgg16_bn.safetensors cat.jpg
+  python examples/predict.py --pretrained vgg16.safetensors --explain explained/ cat.jpg
 
 ImageNet weights: torchvision's vgg16-397923af.pth (its VGG16_Weights.IMAGENET1K_V1), or the
 .safetensors of timm's vgg16.tv_in1k on the Hugging Face hub (the same weights).
 
-exit status: 0 done, 2 bad input (checkpoint or image).
+exit status: 0 done, 2 bad input (checkpoint or image), 4 --explain could not write its files.
 """
 
 
@@ -53,7 +55,24 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=40_000_000, metavar="N",
                    help="refuse an image with more pixels than this, before decoding it (default 40,000,000, "
                         "about 6300x6300, as serve.py)")
+    p.add_argument("--explain", metavar="OUTDIR", default=None,
+                   help="also write, per image, what the network looks at for its top class: "
+                        "OUTDIR/<image>_gradcam.png (Grad-CAM on the last conv block), <image>_saliency.png "
+                        "(|d score / d pixel|) and <image>_blocks.png (each block's first feature maps)")
     return p
+
+
+def explain(model, inputs, mean, std, names, out_dir, paths) -> None:
+    """Grad-CAM, saliency and block maps of each preprocessed image (1, C, H, W) as PNGs."""
+    from minivgg import backend
+    from minivgg.models.explain_draw import write_explanations
+    mean = np.asarray(mean, np.float32).reshape(-1, 1, 1)
+    std = np.asarray(std, np.float32).reshape(-1, 1, 1)
+    for path, x in zip(paths, inputs):
+        pixels = np.clip((x[0] * std + mean) * 255 + 0.5, 0, 255).astype(np.uint8)   # (C, H, W) as seen
+        written = write_explanations(model, backend.to_device(x, backend.device_of(
+            next(iter(model.state_dict().values())))), pixels, out_dir, Path(path).stem, names)
+        print(f"explained {path}: " + ", ".join(str(w) for w in written))
 
 
 def pretrained_probabilities(weights, images, max_pixels, device):
@@ -67,13 +86,14 @@ def pretrained_probabilities(weights, images, max_pixels, device):
     model = load_pretrained(weights).to(device).eval()
     names = imagenet_classes() if model.config["num_classes"] == 1000 else \
         [str(k) for k in range(model.config["num_classes"])]
-    probs = []
+    probs, inputs = [], []
     for path in images:
         pixels = load_image(path, None, 3, max_pixels)                  # (3, H, W) uint8, EXIF applied
         x = imagenet_preprocess(Image.fromarray(pixels.transpose(1, 2, 0)))   # (1, 3, 224, 224)
         logits = backend.to_numpy(model.forward(backend.to_device(x, device)))
         probs.append(softmax(logits.astype(np.float64))[0])
-    return names, np.stack(probs)
+        inputs.append(x)
+    return names, np.stack(probs), model, inputs
 
 
 def main(argv=None) -> int:
@@ -87,11 +107,16 @@ def main(argv=None) -> int:
         if args.max_pixels < 1:
             raise ValueError(f"--max-pixels must be >= 1, got {args.max_pixels}")
         if args.pretrained:
-            classes, probs = pretrained_probabilities(args.pretrained, args.images, args.max_pixels,
-                                                      args.device)
+            from minivgg.data import IMAGENET_MEAN, IMAGENET_STD
+            classes, probs, model, inputs = pretrained_probabilities(args.pretrained, args.images,
+                                                                     args.max_pixels, args.device)
+            mean, std = IMAGENET_MEAN, IMAGENET_STD
         else:
             predictor = Predictor(args.checkpoint, args.device)
-            classes, probs = predictor.classes, predictor.probabilities(args.images, args.max_pixels)
+            batch = predictor.preprocess(args.images, args.max_pixels)   # (N, C, H, W)
+            classes, probs = predictor.classes, predictor.probabilities_of(batch)
+            inputs = [batch[i:i + 1] for i in range(len(batch))]
+            model, mean, std = predictor.model, predictor.mean.reshape(-1), predictor.std.reshape(-1)
     except (CheckpointError, FileNotFoundError, ValueError, RuntimeError, ImportError) as e:
         message = str(e).strip().splitlines()[0]
         if isinstance(e, TooManyPixelsError):
@@ -104,6 +129,12 @@ def main(argv=None) -> int:
         print(path)
         for rank, c in enumerate(np.argsort(-p, kind="stable")[:k], start=1):
             print(f"  {rank}. {classes[c]:<{width}}  {p[c]:7.2%}")
+    if args.explain:
+        try:
+            explain(model, inputs, mean, std, classes, args.explain, args.images)
+        except OSError as e:
+            print(f"error: --explain {args.explain}: cannot write there ({e.strerror or e})", file=sys.stderr)
+            return 4
     return 0
 
 

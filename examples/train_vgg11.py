@@ -117,6 +117,14 @@ OPTIONS = [
            "training, for fine-tuning; the head starts fresh", IGNORED, metavar="PATH"),
     Option("freeze_features", False, bool, "train only the head: the convolutional layers keep their weights",
            FIXED),
+    Option("freeze_blocks", None, int, "freeze the first K convolutional blocks (5 = --freeze-features); their "
+           "BatchNorm runs in eval mode", FIXED, metavar="K"),
+    Option("unfreeze_at", None, int, "second phase after EPOCH epochs: unfreeze the top --unfreeze-blocks, restart "
+           "the optimizer", FIXED, metavar="EPOCH"),
+    Option("unfreeze_blocks", None, int, "with --unfreeze-at: how many of the frozen blocks (the top ones) train; "
+           "None: all of them", FIXED, metavar="N"),
+    Option("finetune_lr", None, float, "with --unfreeze-at: the second phase's peak learning rate; None: --lr / 10",
+           FIXED, metavar="LR"),
 
     Section("data"),
     Option("dataset", "fashion-mnist", str, "fashion-mnist, or folder:PATH for a folder with one sub-folder of "
@@ -444,6 +452,26 @@ def make_optimizer(args, model, steps_per_epoch):
     return opt, sched
 
 
+def transfer_phases(args, model, steps_per_epoch):
+    """--freeze-blocks now, and the Unfreeze of --unfreeze-at (or None)."""
+    from minivgg.optim import make_scheduler
+    from minivgg.train import Unfreeze, freeze_blocks, frozen_blocks
+    if args.freeze_blocks is not None:
+        try:
+            freeze_blocks(model, args.freeze_blocks)
+        except ValueError as e:
+            raise UsageError(f"--freeze-blocks {args.freeze_blocks}: {e}") from None
+    if args.unfreeze_at is None:
+        return None
+    k = frozen_blocks(model)
+    n = k if args.unfreeze_blocks is None else args.unfreeze_blocks
+    if not 1 <= args.unfreeze_at < args.epochs or k == 0 or not 1 <= n <= k:
+        raise UsageError(f"--unfreeze-at {args.unfreeze_at} needs frozen blocks (--freeze-blocks or --freeze-features; "
+                         f"{k} frozen), 1 <= --unfreeze-at < --epochs {args.epochs} and 1 <= --unfreeze-blocks <= {k}")
+    return Unfreeze(args.unfreeze_at, k - n, args.finetune_lr or args.lr / 10,
+                    lambda opt, epochs: make_scheduler(args.schedule, opt, epochs, steps_per_epoch))
+
+
 # -- data parallel --------------------------------------------------------------------------------
 def start_distributed(args):
     """Join the MPI job: the rank's device, rank 0 alone prints, draws progress bars and plots."""
@@ -521,6 +549,7 @@ def run(args) -> int:
     model = make_model(args, len(data.classes), C)
     if args.freeze_features:
         freeze_features(model)
+    unfreeze = transfer_phases(args, model, max(1, len(train_loader) // args.accum_steps))
     if dist is not None:
         join_model(args, dist, model, data, train_loader)
     print(summary(model, (1, C, S, S), batch_size=args.batch_size))
@@ -535,7 +564,8 @@ def run(args) -> int:
                       extra=extra, plots=args.plots, progress=args.progress,
                       skip_input_grad=True,   # the images need no gradient (as in torch)
                       distributed=dist,
-                      amp=LossScaler(growth_interval=args.amp_growth_interval) if args.amp else False)
+                      amp=LossScaler(growth_interval=args.amp_growth_interval) if args.amp else False,
+                      unfreeze=unfreeze)
     out.mkdir(parents=True, exist_ok=True)
     if args.plots:
         draw_architecture(model, (C, S, S), out / "architecture.png")

@@ -166,6 +166,7 @@ class Float16Gemm(Layer):
         self.layer.params = {k: p.copy() for k, p in layer.params.items()}   # float32 scratch
         self.layer.grads, self.layer.cache = {}, None
         self.params = {k: p.astype(HALF) for k, p in layer.params.items()}   # the float16 weights
+        self.needs_input_grad, self.frozen = layer.needs_input_grad, layer.frozen
 
     def forward(self, x):
         for k, p in self.params.items():
@@ -176,6 +177,8 @@ class Float16Gemm(Layer):
     def backward(self, dout):
         if self.cache is None:
             raise RuntimeError(f"{self!r}: backward called before forward; run forward first")
+        self.layer.needs_input_grad = self.needs_input_grad    # set by the container (chain_backward)
+        self.layer.frozen = self.frozen                        # and by the master (MixedPrecision)
         dx = self.layer.backward(dout.astype(np.float32))
         with np.errstate(over="ignore"):              # an overflow to inf is the signal, not an error
             self.grads = {k: g.astype(HALF) for k, g in self.layer.grads.items()}
@@ -248,6 +251,7 @@ class MixedPrecision:
         """W16 <- fp16(W32) and the master's train/eval mode, before each forward pass."""
         for m, src, w in self._pairs:
             w.training = m.training
+            w.frozen = src.frozen = m.frozen   # a phase change of the master (minivgg.train.transfer)
             if src is m:            # a Float32Layer: the master's own layer
                 continue
             for k, p in m.params.items():

@@ -163,3 +163,29 @@ def test_option_precedence_defaults_preset_flags():
     args = cli_module.parse_args(["--preset", "d2l", "--lr", "0.01", "--hidden", "none"])
     assert args.lr == 0.01 and args.hidden == () and args.optimizer == "sgd"    # flags beat the preset
     assert cli_module.parse_args(["--preset", "d2l-adam"]).optimizer == "adam"
+
+
+@pytest.mark.skipif(not FMNIST.is_dir(), reason=f"real Fashion-MNIST not installed at {FMNIST} "
+                    "(apt install dataset-fashion-mnist)")
+def test_two_phase_transfer_on_the_command_line_resumes_exactly_and_keeps_its_phases(tmp_path):
+    """--freeze-blocks 5 --unfreeze-at 1 --unfreeze-blocks 2: stopped in the second phase and resumed,
+    the run ends with the uninterrupted run's weights and optimizer state; a resumed run refuses
+    another --freeze-blocks by name."""
+    common = [*TINY, "--train-subset", "64", "--val-size", "16", "--test-subset", "16", "--epochs", "2",
+              "--freeze-blocks", "5", "--unfreeze-at", "1", "--unfreeze-blocks", "2", "--no-plots", "--seed", "1"]
+    whole = cli(TRAIN, *common, "--out", "whole", cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr
+    part = cli(TRAIN, *common, "--out", "part", "--max-steps", "11", cwd=tmp_path)   # 8 steps an epoch
+    assert part.returncode == 0, part.stderr
+    resumed = cli(TRAIN, "--resume", "part/last.npz", "--no-progress", "--no-plots", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = np.load(tmp_path / "whole" / "last.npz"), np.load(tmp_path / "part" / "last.npz")
+    names = [k for k in a.files if k.startswith(("model/", "optim/", "sched/"))]
+    assert any(k.startswith("optim/") for k in names)
+    for k in names:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    import json
+    phases = [row.get("phase") for row in json.loads(str(a["history"]))]
+    assert len(set(phases)) == 2, phases          # the history says which phase each epoch trained in
+    refused = cli(TRAIN, "--resume", "part/last.npz", "--freeze-blocks", "3", "--no-progress", cwd=tmp_path)
+    assert refused.returncode == 2 and "--freeze-blocks" in refused.stderr, refused.stderr

@@ -123,8 +123,11 @@ def test_frozen_layer_untouched(device):
     topt = torch.optim.Adam([p for p in tmodel.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
     for x, r in batches(np.float64):
         backward_both(model, tmodel, x, r, device)
-        assert model[0].grads, "backward still writes the frozen layer's grads"
+        assert not model[0].grads, "a frozen layer makes no weight gradient"
+        # planted gradients: the optimizer must skip a frozen layer even when it has some
+        model[0].grads = {k: v + 1 for k, v in model[0].params.items()}
         opt.step()
+        model[0].grads = {}
         topt.step()
     for k, v in model[0].params.items():
         np.testing.assert_array_equal(backend.to_numpy(v), frozen[k])
@@ -303,6 +306,8 @@ def test_clip_grad_norm_matches_torch(scale, dtype, device):
     backward_both(model, tmodel, x, r, device)
     tparams = [p for p in tmodel.parameters() if p.requires_grad]
     reference = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in tparams])))
+    assert not model[3].grads, "a frozen layer makes no weight gradient"
+    model[3].grads = {k: v + 1 for k, v in model[3].params.items()}   # planted: clipping must skip them
     frozen_grad = backend.to_numpy(model[3].grads["weight"]).copy()
 
     total = clip_grad_norm(model, scale * reference)

@@ -27,3 +27,22 @@ def test_predict_refuses_a_huge_image_in_one_line_naming_the_flag(tmp_path):
     assert r.returncode == 2 and "50x40 pixels is larger than the 1,000" in r.stderr, r.stderr
     r = cli(PREDICT, "--checkpoint", ckpt, "--max-pixels", "2000", tmp_path / "small.png", cwd=tmp_path)
     assert r.returncode == 0 and "small.png" in r.stdout, r.stderr
+
+
+def test_predict_explain_writes_gradcam_saliency_and_block_maps(tmp_path):
+    """--explain: three PNGs per image, the Grad-CAM one drawn from the heatmap grad_cam computes
+    (grad_cam and saliency themselves are checked against torch autograd in test_explain.py)."""
+    import numpy as np
+    ckpt, _ = fashion_checkpoint(tmp_path / "best.npz", "vgg11")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 36), dtype=np.uint8)).save(tmp_path / "shoe.png")
+    r = cli(PREDICT, "--checkpoint", ckpt, "--explain", tmp_path / "why", tmp_path / "shoe.png", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    for kind in ("gradcam", "saliency", "blocks"):
+        path = tmp_path / "why" / f"shoe_{kind}.png"
+        assert path.is_file(), r.stdout
+        with Image.open(path) as im:
+            assert im.size[0] > 100 and im.size[1] > 50
+    assert "explained" in r.stdout and "shoe_gradcam.png" in r.stdout
+    (tmp_path / "afile").write_text("x")
+    r = cli(PREDICT, "--checkpoint", ckpt, "--explain", tmp_path / "afile", tmp_path / "shoe.png", cwd=tmp_path)
+    assert r.returncode in (2, 4) and r.stderr.strip().startswith("error:"), r.stderr

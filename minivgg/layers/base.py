@@ -8,6 +8,10 @@ raises if forward has not run), returns dx and **overwrites**
 up yourself, as ``minivgg.train`` does). Non-trainable state such as
 BatchNorm's running statistics lives in ``buffers``.
 
+Frozen layers (``freeze()``) keep their parameters fixed and compute no weight gradients;
+``needs_input_grad = False`` tells a layer its caller wants no dL/dx (Conv2d then returns
+None). Containers set and honour both (layers/container.py, chain_backward).
+
 Rules: a layer never writes into its arguments and never changes a dtype:
 float32 in, float32 out; float64 works for gradient checks.
 """
@@ -20,6 +24,8 @@ from .. import backend
 
 class Layer:
     """Base class: parameters, train/eval mode, device and dtype moves."""
+
+    needs_input_grad = True       # False: backward may skip dL/dx (Conv2d returns None then)
 
     def __init__(self):
         self.params: dict = {}    # name -> array, updated in place by optimizers
@@ -91,9 +97,12 @@ class Layer:
         return self.train(False)
 
     def freeze(self, frozen: bool = True) -> "Layer":
-        """Fix (or release) every parameter below this layer."""
+        """Fix (or release) every parameter below this layer. A frozen layer's backward makes
+        no weight gradient, so the ones it had are dropped (no stale gradient survives)."""
         for _, m in self.modules():
             m.frozen = frozen
+            if frozen:
+                m.grads = {}
         return self
 
     # -- where and in which precision the parameters live ------------------------

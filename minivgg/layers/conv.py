@@ -30,7 +30,8 @@ class Conv2d(Layer):
     col2im adds each column entry back onto the pixel it was copied from.
     Memory: cols is KH*KW times the size of x, so the batch runs in chunks that fit
     the workspace limit (minivgg.kernels.set_workspace_limit); backward rebuilds them.
-    Set needs_input_grad = False on a network's first layer to skip dL/dx.
+    Set needs_input_grad = False on a network's first layer to skip dL/dx; a frozen
+    layer skips dL/dW and dL/db (nothing would use them).
     The tuned engine (conv_fast.TunedConv2d) computes the same with fewer passes.
     """
 
@@ -78,17 +79,19 @@ class Conv2d(Layer):
         self.check_dout(dout, (N, F, OH, OW), like=x)
         xp = backend.get_array_module(x)
         Wm = self.params["weight"].reshape(F, -1)                         # (F, C*KH*KW)
-        dWm = xp.zeros_like(Wm)                                           # (F, C*KH*KW)
+        dWm = None if self.frozen else xp.zeros_like(Wm)                 # (F, C*KH*KW); frozen: none
         dx = xp.empty_like(x) if self.needs_input_grad else None          # (N, C, H, W)
         for s in batch_chunks(N, C * KH * KW * OH * OW * x.itemsize, like=x):
-            cols = im2col(x[s], KH, KW, self.stride, self.padding)        # (C*KH*KW, OH*OW*n)
             D = dout[s].transpose(1, 2, 3, 0).reshape(F, -1)              # (F, OH*OW*n)
-            dWm += D @ cols.T                                             # (F, C*KH*KW)
+            if dWm is not None:
+                cols = im2col(x[s], KH, KW, self.stride, self.padding)    # (C*KH*KW, OH*OW*n)
+                dWm += D @ cols.T                                         # (F, C*KH*KW)
             if dx is not None:
                 dx[s] = col2im(Wm.T @ D, x[s].shape, KH, KW, self.stride, self.padding)  # (n, C, H, W)
-        self.grads["weight"] = dWm.reshape(F, C, KH, KW)                  # (F, C, KH, KW)
-        if "bias" in self.params:
-            self.grads["bias"] = dout.sum(axis=(0, 2, 3))                 # (F,)
+        if dWm is not None:
+            self.grads["weight"] = dWm.reshape(F, C, KH, KW)              # (F, C, KH, KW)
+            if "bias" in self.params:
+                self.grads["bias"] = dout.sum(axis=(0, 2, 3))             # (F,)
         return dx
 
     def check_fits(self, H: int, W: int) -> None:

@@ -100,22 +100,24 @@ class TunedConv2d(Conv2d):
         chunks = [slice(0, N)] if kept_cols is not None else \
             batch_chunks(N, (K + fold) * OH * OW * x.itemsize, like=x)
         for s in chunks:
-            cols = kept_cols if kept_cols is not None else \
-                columns(x[s], KH, KW, self.stride, self.padding, ones_row=fold)  # (K [+1], OH*OW*n)
             D = dout[s].transpose(1, 2, 3, 0).reshape(F, -1)              # (F, OH*OW*n)
-            dWb = D @ cols.T if dWb is None else dWb + D @ cols.T        # (F, K [+1])
-            if "bias" in self.params and not fold:  # D's row sums as D @ 1: BLAS reads D faster than sum()
-                ones = xp.ones(D.shape[1], dtype=D.dtype)
-                db = D @ ones if db is None else db + D @ ones            # (F,)
+            if not self.frozen:   # a frozen layer makes no dL/dW, dL/db (nothing would use them)
+                cols = kept_cols if kept_cols is not None else \
+                    columns(x[s], KH, KW, self.stride, self.padding, ones_row=fold)  # (K [+1], OH*OW*n)
+                dWb = D @ cols.T if dWb is None else dWb + D @ cols.T    # (F, K [+1])
+                if "bias" in self.params and not fold:  # D's row sums as D @ 1: BLAS reads D faster than sum()
+                    ones = xp.ones(D.shape[1], dtype=D.dtype)
+                    db = D @ ones if db is None else db + D @ ones        # (F,)
             if by_col2im:  # the textbook dL/dx: each column entry back onto its pixel
                 dcols = reuse(self.spare, (K, D.shape[1]), x) if kept_cols is not None else None
                 dcols = xp.matmul(Wm.T, D, out=dcols)                     # (K, OH*OW*n)
                 dx[s] = col2im(dcols, x[s].shape, KH, KW, self.stride, self.padding)  # (n, C, H, W)
-        if fold:   # the ones row's column is dL/db = D @ 1; copied out, so each grad is contiguous
+        if fold and dWb is not None:   # the ones row's column is dL/db = D @ 1; copied out, contiguous
             dWb, db = xp.ascontiguousarray(dWb[:, :K]), dWb[:, K].copy()  # (F, K), (F,)
-        self.grads["weight"] = dWb.reshape(F, C, KH, KW)                  # (F, C, KH, KW)
-        if "bias" in self.params:
-            self.grads["bias"] = db                                       # (F,)
+        if dWb is not None:
+            self.grads["weight"] = dWb.reshape(F, C, KH, KW)              # (F, C, KH, KW)
+            if "bias" in self.params:
+                self.grads["bias"] = db                                   # (F,)
         if by_flip:    # the same dL/dx, as a convolution of dout (faster: no scattered adds)
             dx = input_grad_by_flipped_kernel(dout, self.params["weight"], self.padding,
                                               spare=self.spare if kept_cols is not None else None)

@@ -42,9 +42,10 @@ class Linear(Layer):
     def backward(self, dout):
         x = self.saved()
         self.check_dout(dout, (x.shape[0], self.out_features), like=x)
-        self.grads["weight"] = dout.T @ x                              # (O, I)
-        if "bias" in self.params:
-            self.grads["bias"] = dout.sum(axis=0)                      # (O,)
+        if not self.frozen:   # a frozen layer makes no weight gradient
+            self.grads["weight"] = dout.T @ x                          # (O, I)
+            if "bias" in self.params:
+                self.grads["bias"] = dout.sum(axis=0)                  # (O,)
         return dout @ self.params["weight"]                            # (N, I)
 
     def __repr__(self):

@@ -28,6 +28,8 @@ class BatchNorm2d(Layer):
     Backward (eval): the statistics are constants, so dL/dx = dout * gamma / sqrt(running_var + eps).
     momentum=None uses a cumulative average, as PyTorch does.
     The (N, C, H, W) results keep x's memory order on CuPy too (out=backend.out_like, see there).
+    Frozen (freeze()): eval mode whatever train() says, as Keras's trainable=False: the
+    running statistics normalise and stay as they are, gamma and beta make no gradient.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, dtype=np.float32):
@@ -45,7 +47,8 @@ class BatchNorm2d(Layer):
         N, C, H, W = x.shape
         M = N * H * W
         xp = backend.get_array_module(x)
-        if self.training:
+        batch_stats = self.training and not self.frozen    # frozen: eval mode (docstring)
+        if batch_stats:
             if M < 2:
                 raise ValueError(f"{self!r}: training needs more than one value per channel, got "
                                  f"input shape {tuple(x.shape)}; use a batch of 2 or more, or eval()")
@@ -61,7 +64,7 @@ class BatchNorm2d(Layer):
         out = xc
         out *= (self.params["weight"] * inv_std).reshape(1, C, 1, 1)
         out += self.params["bias"].reshape(1, C, 1, 1)                     # (N, C, H, W)
-        self.cache = (x, mu, inv_std, self.training)   # xhat is recomputed from x in backward
+        self.cache = (x, mu, inv_std, batch_stats)     # xhat is recomputed from x in backward
         return out
 
     def _update_running(self, mu, var, M):
@@ -86,6 +89,8 @@ class BatchNorm2d(Layer):
         M = x.dtype.type(N * H * W)
         xp = backend.get_array_module(x)
         gamma = self.params["weight"]                                      # (C,)
+        if self.frozen and not training:   # no weight gradient to make: dL/dx alone
+            return xp.multiply(dout, (gamma * inv_std).reshape(1, C, 1, 1), out=backend.out_like(dout))  # (N, C, H, W)
         xc = xp.subtract(x, mu.reshape(1, C, 1, 1), out=backend.out_like(x))  # (N, C, H, W) centred first
         sum_dout = xp.einsum("nchw->c", dout)                              # (C,)
         sum_dout_xhat = inv_std * xp.einsum("nchw,nchw->c", dout, xc)      # (C,) = sum(dout * xhat)

@@ -58,9 +58,9 @@ class SyncBatchNorm2d(BatchNorm2d):
         return sync
 
     def forward(self, x):
-        self._synced = self.training
-        if not self.training:
-            return super().forward(x)   # running statistics: nothing to synchronise
+        self._synced = self.training and not self.frozen
+        if not self._synced:
+            return super().forward(x)   # running statistics (eval, or frozen): nothing to synchronise
         self.check_input(x, ndim=4, channels=self.num_features)
         N, C, H, W = x.shape
         xp = backend.get_array_module(x)

@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import backend
 from ..layers import AdaptiveAvgPool2d, Flatten, Layer, Sequential
+from ..layers.container import chain_backward
 from .vgg import VGG
 
 POOLINGS = (None, "avg", "max")
@@ -67,7 +68,7 @@ class ConvBase(Layer):
         return self.pool.forward(self.features.forward(x))      # (N, 512, h, w) or (N, 512)
 
     def backward(self, dout):
-        return self.features.backward(self.pool.backward(dout))  # (N, C, H, W)
+        return chain_backward([self.features, self.pool], dout)  # (N, C, H, W), or None (see chain_backward)
 
     def extract(self, images, batch_size: int = 64, progress: bool = True) -> np.ndarray:
         """Features of every image of `images` (N, C, H, W) float, in eval mode, as NumPy.

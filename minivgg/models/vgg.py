@@ -16,6 +16,7 @@ from .. import backend, random_stream
 from ..layers import (CONV_ENGINES, AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, Layer, Linear,
                       MaxPool2d, ReLU, Sequential, make_conv2d)
 from ..layers.conv_engines import DEFAULT_CONV_ENGINE
+from ..layers.container import chain_backward
 
 # The paper's Table 1: a number is a 3x3 conv (padding 1) with that many
 # output channels, each followed by ReLU; "M" is a 2x2 max-pool, stride 2.
@@ -206,10 +207,10 @@ class VGG(Layer):
         return self.classifier.forward(h)     # (N, K)
 
     def backward(self, dout):
-        d = self.classifier.backward(dout)    # (N, C'*P*P)
-        d = self.flatten.backward(d)          # (N, C', P, P)
-        d = self.avgpool.backward(d)          # (N, C', H/32, W/32)
-        return self.features.backward(d)      # (N, C, H, W)
+        # classifier (N, K) -> (N, C'*P*P), flatten -> (N, C', P, P), avgpool -> (N, C', H/32, W/32),
+        # features -> (N, C, H, W); chain_backward skips what no one needs (frozen blocks' dL/dW,
+        # and everything below the lowest trainable layer when the images need no gradient)
+        return chain_backward([self.features, self.avgpool, self.flatten, self.classifier], dout)
 
     def __repr__(self):
         inner = "\n".join(f"  ({n}): {m!r}".replace("\n", "\n  ") for n, m in self.children())

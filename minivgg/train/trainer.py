@@ -24,7 +24,7 @@ from .. import backend
 from ..amp import LossScaler, MixedPrecision
 from ..losses import SoftmaxCrossEntropy
 from . import records
-from .checkpoint import CheckpointError, atomic_savez, checkpoint_arrays, load_checkpoint
+from .checkpoint import CheckpointError, atomic_savez, checkpoint_arrays, load_checkpoint, restore
 from .files import remove_stale_temps
 from .hooks import DataParallel, Float32, Mixed, OneProcess
 from .metrics import evaluate
@@ -124,6 +124,9 @@ class Trainer:
     amp           mixed precision (minivgg.amp): True, or a LossScaler with its own settings;
                   forward and backward run in float16, the model, optimizer and loss stay
                   float32, a step whose gradients overflow is skipped (it still counts)
+    unfreeze      a minivgg.train.transfer.Unfreeze: the second phase of fine-tuning (top blocks
+                  unfrozen, optimizer restarted at the fine-tuning lr) from its epoch on; resuming
+                  in either phase, or across the change, is exact
 
     Precision (float32 or amp) and layout (one process or data parallel) are the two hooks of
     hooks.py, .precision and .layout: train_epoch calls them and nothing else of either.
@@ -135,7 +138,7 @@ class Trainer:
                  out_dir="runs/x", accum_steps=1, clip_norm=None, patience=None, class_names=None,
                  device="cpu", max_steps=None, extra=None, plots=True, progress=True,
                  keep_examples=32, checkpoints=True, skip_input_grad=False, distributed=None,
-                 explode_factor=1e4, amp=False):
+                 explode_factor=1e4, amp=False, unfreeze=None):
         if int(accum_steps) < 1:
             raise ValueError(f"Trainer: accum_steps must be >= 1, got {accum_steps}")
         if patience is not None and int(patience) < 1:
@@ -178,6 +181,8 @@ class Trainer:
         self.bad_epochs = 0
         self.stop_reason = None
         self.last_eval = None
+        self.unfreeze, self.second_phase = unfreeze, False
+        self.epochs = None             # the run's total, set by fit (the second phase's schedule needs it)
 
     # -- paths -------------------------------------------------------------------------
     @property
@@ -204,7 +209,7 @@ class Trainer:
         partial = self.layout.sum_epoch(self.partial)
         extra["trainer"] = {"batch_in_epoch": self.batch_in_epoch, "partial": partial,
                             "bad_epochs": self.bad_epochs, "accum_steps": self.accum_steps,
-                            "first_loss": self.first_loss}
+                            "first_loss": self.first_loss, "second_phase": self.second_phase}
         if self.amp is not None:
             extra["trainer"]["loss_scaler"] = self.amp.scaler.state_dict()
         return checkpoint_arrays(self.model, self.optimizer, self.scheduler, epoch=self.epoch,
@@ -226,7 +231,10 @@ class Trainer:
 
     def resume(self, path) -> dict:
         """Restore model, optimizer, schedule, RNG and progress from a checkpoint."""
-        ckpt = load_checkpoint(path, self.model, self.optimizer, self.scheduler, restore_rng=True)
+        ckpt = load_checkpoint(path)
+        if self.unfreeze is not None and ckpt["extra"].get("trainer", {}).get("second_phase"):
+            self._enter_second_phase()   # saved in it: its optimizer state and schedule are the second's
+        restore(ckpt, self.model, self.optimizer, self.scheduler, restore_rng=True)
         state = ckpt["extra"].get("trainer", {})
         self.epoch, self.global_step = ckpt["epoch"], ckpt["global_step"]
         self.history, self.best_metric = ckpt["history"], ckpt["best_metric"]
@@ -244,6 +252,17 @@ class Trainer:
                              f"not a multiple of accum_steps={self.accum_steps}; resume with the "
                              "accumulation the run was saved with")
         return ckpt
+
+    def _enter_second_phase(self):
+        """Unfreeze the top blocks, restart the optimizer at the fine-tuning lr (Unfreeze.apply)."""
+        if self.epochs is None and self.unfreeze.schedule is not None:
+            raise ValueError("Trainer: the second phase's schedule needs the run's epochs: call fit(epochs)")
+        self.scheduler = self.unfreeze.apply(self.model, self.optimizer, self.epochs or 0)
+        self.second_phase = True
+        if self.progress:
+            tqdm.write(f"second phase from epoch {self.unfreeze.at + 1}: {self.unfreeze.frozen} block(s) stay "
+                       f"frozen, {sum(int(p.size) for _, p, _ in self.model.named_parameters()):,} trainable "
+                       f"parameters, lr {self._lr():.2e}", file=sys.stderr)
 
     # -- one optimizer step ------------------------------------------------------------------
     def _stop(self, what, value, batch, kind="non-finite", why=""):
@@ -429,6 +448,8 @@ class Trainer:
         row = {"epoch": epoch_index + 1, "steps": self.global_step, "lr": self._lr(),
                "train_loss": p["loss_sum"] / max(p["seen"], 1), "train_acc": p["correct"] / max(p["seen"], 1),
                "time_s": p["time"], "images_per_s": p["seen"] / max(p["time"], 1e-9)}
+        if self.unfreeze is not None:
+            row["phase"] = 2 if self.second_phase else 1
         if self.amp is not None:
             row.update(loss_scale=self.amp.scaler.scale, skipped_steps=self.amp.scaler.skipped_steps)
         if self.val_loader is not None:
@@ -447,6 +468,7 @@ class Trainer:
         Raises NonFiniteLossError on a NaN/inf loss or validation score, or an exploding loss
         (see explode_factor), leaving the last checkpoint as it was.
         """
+        self.epochs = epochs
         if resume is not None:
             self.resume(resume)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -455,6 +477,8 @@ class Trainer:
         self.stop_reason = "completed"
         while self.epoch < epochs:
             e = self.epoch
+            if self.unfreeze is not None and not self.second_phase and self.unfreeze.due(e):
+                self._enter_second_phase()
             if not self.train_epoch(e, epochs):
                 self.stop_reason = "max_steps"
                 if self.checkpoints:
