@@ -3,7 +3,6 @@ checkpoint (predict, export, resume), examples/compress.py's bad input refused b
 the whole command on a few real Fashion-MNIST images."""
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
