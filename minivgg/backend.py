@@ -25,9 +25,9 @@ else:
         cupy = None
         _CUPY_IMPORT_ERROR = e
 
-_INSTALL_HINT = ("install CuPy with the extra that matches your CUDA toolkit: "
-                 "pip install 'minivgg[cuda12]' (cupy-cuda12x) or "
-                 "pip install 'minivgg[cuda13]' (cupy-cuda13x)")
+_INSTALL_HINT = ("install CuPy with the extra that matches your NVIDIA driver's CUDA version (nvidia-smi "
+                 "prints it): pip install 'minivgg[cuda12]' or pip install 'minivgg[cuda13]'; either brings "
+                 "NVRTC, cuBLAS and the CUDA headers, no CUDA toolkit needed")
 
 def gpu_available() -> bool:
     """True when CuPy imports and sees at least one CUDA device."""

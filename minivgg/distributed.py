@@ -95,10 +95,10 @@ def nccl_module():
         nccl = importlib.import_module(f"{cupy.__name__}.cuda.nccl")
     except ImportError as e:
         raise RuntimeError(f"{cupy.__name__} has no NCCL bindings ({e}): data-parallel GPU training needs "
-                           "CuPy with NCCL (pip install nvidia-nccl-cu12 beside cupy-cuda12x)") from e
+                           "CuPy with NCCL: pip install 'minivgg[nccl12]' (or nccl13) beside the cuda extra") from e
     if not nccl.available:
-        raise RuntimeError("this CuPy has no NCCL library: pip install nvidia-nccl-cu12 (or -cu13) "
-                           "beside cupy-cuda12x, or train on the CPU")
+        raise RuntimeError("this CuPy has no NCCL library: pip install 'minivgg[nccl12]' (or nccl13) "
+                           "beside the cuda extra, or train on the CPU")
     return nccl
 
 

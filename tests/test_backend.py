@@ -38,7 +38,7 @@ def test_missing_cupy_names_the_extras(monkeypatch):
                  lambda: backend.to_device(np.zeros(3), "gpu"), lambda: Linear(2, 2).to("gpu")):
         with pytest.raises(RuntimeError, match=r"needs CuPy.*No module named 'cupy'") as info:
             call()
-        assert "cupy-cuda12x" in str(info.value) and "cupy-cuda13x" in str(info.value)
+        assert "minivgg[cuda12]" in str(info.value) and "minivgg[cuda13]" in str(info.value)
 
 
 def fake_cupy(device_count):
