@@ -81,6 +81,9 @@ OPTIONS = [
            MAY_CHANGE, metavar="N"),
     Option("progress", True, bool, "show progress bars", IGNORED),
     Option("plots", True, bool, "draw PNG plots every epoch", IGNORED),
+    Option("tensorboard", None, str, "also write the run as TensorBoard event files into DIR (every number of "
+           "each epoch's history row, and the plots as images): tensorboard --logdir DIR; needs the "
+           "tensorboard extra (tensorboardX)", IGNORED, metavar="DIR"),
     Option("grad_flow", None, int, "write grad_flow.png: every layer's weight-gradient norm over the first STEPS "
            "optimizer steps (100 if no number is given); shows vanishing or exploding gradients", IGNORED,
            nargs="?", const=100, metavar="STEPS"),
@@ -113,6 +116,11 @@ OPTIONS = [
            "switch", MAY_CHANGE, choices=tuple(sorted(CONV_ENGINES))),
     Option("init", "xavier", str, "weight init: kaiming (torchvision's) or xavier (d2l's)", FIXED,
            choices=("kaiming", "xavier")),
+    Option("pretrained", None, str, "start from ImageNet VGG weights (torchvision's .pth, or .safetensors in "
+           "torchvision's or timm's layout): the file sets the architecture (--model, --bn, --width-ratio, "
+           "--head and --hidden are not used), the last Linear layer is made anew for the dataset's classes; "
+           "needs 3-channel images (--channels 3); a resumed run reads the file again for the architecture",
+           FIXED, metavar="PATH"),
     Option("init_from", None, str, "copy the convolutional weights (features.*) from a minivgg checkpoint before "
            "training, for fine-tuning; the head starts fresh", IGNORED, metavar="PATH"),
     Option("freeze_features", False, bool, "train only the head: the convolutional layers keep their weights",
@@ -414,6 +422,16 @@ def make_model(args, num_classes, channels):
     from minivgg import random_stream
     from minivgg.models import VGG
     random_stream.seed(args.seed)
+    if args.pretrained:
+        from minivgg.models.pretrained import load_pretrained
+        if channels != 3:
+            raise UsageError(f"--pretrained {args.pretrained}: ImageNet weights take 3-channel images, this "
+                             f"dataset has {channels} (add --channels 3)")
+        try:
+            model = load_pretrained(args.pretrained, num_classes=num_classes, dropout=args.dropout)
+        except ValueError as e:   # another architecture, a truncated file, a pickle that is not weights
+            raise UsageError(f"--pretrained: {e}") from None
+        return model.to(args.device)
     arch = args.model + ("_bn" if args.bn else "")
     try:
         model = VGG(arch, num_classes=num_classes, in_channels=channels, width_ratio=args.width_ratio,
@@ -424,6 +442,14 @@ def make_model(args, num_classes, channels):
     if args.init_from:
         copy_features(model, args.init_from)
     return model.to(args.device)
+
+
+def open_tensorboard(logdir):
+    from minivgg.train.tensorboard import TensorBoardWriter
+    try:
+        return TensorBoardWriter(logdir)
+    except ImportError as e:
+        raise UsageError(f"--tensorboard {logdir}: {e}") from None
 
 
 def copy_features(model, path) -> None:
@@ -570,6 +596,9 @@ def run(args) -> int:
     if args.plots:
         draw_architecture(model, (C, S, S), out / "architecture.png")
     grad_flow = GradFlowRecorder(opt, args.grad_flow, out / "grad_flow.png") if args.grad_flow else None
+    board = open_tensorboard(args.tensorboard) if args.tensorboard and trainer.writes else None
+    if board is not None:
+        trainer.on_epoch = lambda row, drawn: board.epoch(row, row["epoch"], images=drawn)
     if dist is not None:
         dist.comm.Barrier()   # start the clocks together: rank 0 drew the architecture meanwhile
     try:
@@ -583,6 +612,8 @@ def run(args) -> int:
         return 130
     if grad_flow is not None:
         grad_flow.write()   # a run shorter than --grad-flow steps
+    if board is not None:
+        board.close()
     if dist is not None:
         dist.comm.Barrier()   # rank 0 has written best.npz before any rank reads it
     print(f"training stopped: {trainer.stop_reason} after {trainer.epoch} epoch(s), "

@@ -189,3 +189,36 @@ def test_two_phase_transfer_on_the_command_line_resumes_exactly_and_keeps_its_ph
     assert len(set(phases)) == 2, phases          # the history says which phase each epoch trained in
     refused = cli(TRAIN, "--resume", "part/last.npz", "--freeze-blocks", "3", "--no-progress", cwd=tmp_path)
     assert refused.returncode == 2 and "--freeze-blocks" in refused.stderr, refused.stderr
+
+
+@pytest.mark.skipif(not FMNIST.is_dir(), reason=f"real Fashion-MNIST not installed at {FMNIST} "
+                    "(apt install dataset-fashion-mnist)")
+def test_pretrained_weights_and_tensorboard_from_the_command_line(tmp_path):
+    """--pretrained FILE builds the network the file holds and starts from its weights (frozen features
+    keep them exactly; the head is new for 10 classes); --tensorboard DIR gets each epoch's scalars and plots.
+    A 1-channel dataset is refused in one line before any training."""
+    pytest.importorskip("safetensors")
+    from safetensors.numpy import save_file
+
+    from minivgg import random_stream
+    from minivgg.models import VGG
+    random_stream.seed(5)
+    source = VGG("vgg11_bn", num_classes=1000, in_channels=3, width_ratio=16, hidden=(32, 32), pool_size=1)
+    weights = {k: np.array(v) for k, v in source.state_dict().items()}   # (ascontiguousarray makes 0-d 1-d)
+    save_file(weights, str(tmp_path / "vgg11_bn.safetensors"))
+    common = [*TINY, "--pretrained", "vgg11_bn.safetensors", "--train-subset", "32", "--val-size", "16",
+              "--test-subset", "16", "--epochs", "2"]
+    r = cli(TRAIN, *common, "--channels", "3", "--freeze-features", "--tensorboard", "tb", "--out", "run",
+            cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    ckpt = np.load(tmp_path / "run" / "last.npz")
+    feature_keys = [k for k in weights if k.startswith("features.")]
+    assert feature_keys
+    for k in feature_keys:
+        np.testing.assert_array_equal(ckpt[f"model/{k}"], weights[k], err_msg=k)
+    assert ckpt["model/classifier.6.weight"].shape == (10, 32)            # a new 10-class head
+    from test_tensorboard import read_events
+    tags = {v.tag for e in read_events(tmp_path / "tb") for v in e.summary.value}
+    assert {"train_loss", "val_top1", "lr"} <= tags and any(t.startswith("plots/") for t in tags), tags
+    r = cli(TRAIN, *common, "--out", "gray", cwd=tmp_path)
+    assert r.returncode == 2 and "3-channel" in r.stderr and "Traceback" not in r.stderr, r.stderr

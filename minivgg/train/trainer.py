@@ -127,6 +127,9 @@ class Trainer:
     unfreeze      a minivgg.train.transfer.Unfreeze: the second phase of fine-tuning (top blocks
                   unfrozen, optimizer restarted at the fine-tuning lr) from its epoch on; resuming
                   in either phase, or across the change, is exact
+    on_epoch      called as on_epoch(row, plots) after each epoch's files are written, on the rank
+                  that writes (row: the history row; plots: the PNG paths drawn, [] without plots),
+                  e.g. TensorBoardWriter.epoch for --tensorboard
 
     Precision (float32 or amp) and layout (one process or data parallel) are the two hooks of
     hooks.py, .precision and .layout: train_epoch calls them and nothing else of either.
@@ -138,7 +141,7 @@ class Trainer:
                  out_dir="runs/x", accum_steps=1, clip_norm=None, patience=None, class_names=None,
                  device="cpu", max_steps=None, extra=None, plots=True, progress=True,
                  keep_examples=32, checkpoints=True, skip_input_grad=False, distributed=None,
-                 explode_factor=1e4, amp=False, unfreeze=None):
+                 explode_factor=1e4, amp=False, unfreeze=None, on_epoch=None):
         if int(accum_steps) < 1:
             raise ValueError(f"Trainer: accum_steps must be >= 1, got {accum_steps}")
         if patience is not None and int(patience) < 1:
@@ -182,6 +185,7 @@ class Trainer:
         self.stop_reason = None
         self.last_eval = None
         self.unfreeze, self.second_phase = unfreeze, False
+        self.on_epoch = on_epoch
         self.epochs = None             # the run's total, set by fit (the second phase's schedule needs it)
 
     # -- paths -------------------------------------------------------------------------
@@ -502,8 +506,9 @@ class Trainer:
                 self.save(best=improved)
             if self.writes:
                 self.write_history()
-            if self.plots and self.writes:
-                self.draw()
+            drawn = self.draw() if self.plots and self.writes else []
+            if self.on_epoch is not None and self.writes:
+                self.on_epoch(row, drawn)
             if self.progress:
                 tqdm.write(self.describe(row) + (" (best)" if improved else ""), file=sys.stderr)
             if self.patience is not None and self.bad_epochs >= self.patience:
