@@ -568,26 +568,18 @@ COMMANDS = {"prune": cmd_prune, "distill": cmd_distill, "quantize": cmd_quantize
 
 
 def main(argv=None) -> int:
-    import os
-    from minivgg.data import DatasetNotFoundError
+    """Run the command; bad input is reported in one line (MINIVGG_DEBUG=1 shows the traceback)."""
+    from minivgg.data import DataError, DatasetNotFoundError
     from minivgg.train import CheckpointError
+    from minivgg.train.options import run_command
     args = make_parser().parse_args(argv)
-    try:
+
+    def command():
         check_args(args)
         return COMMANDS[args.command](args)
-    except (UsageError, DatasetNotFoundError, CheckpointError, FileNotFoundError, ValueError, ImportError) as e:
-        if os.environ.get("MINIVGG_DEBUG"):
-            raise
-        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        if os.environ.get("MINIVGG_DEBUG"):
-            raise
-        print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
-        return 4
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    # ImportError: an extra (onnx, onnxruntime) that is not installed
+    return run_command(command, (UsageError, DataError, DatasetNotFoundError, CheckpointError,
+                                 FileNotFoundError, ImportError))
 
 
 if __name__ == "__main__":

@@ -661,27 +661,12 @@ def bad_input_errors() -> tuple:
 
 def main(argv=None) -> int:
     """Run the CLI; bad input is reported in one line (MINIVGG_DEBUG=1 shows the traceback)."""
-    import os
     from minivgg.data import DatasetNotFoundError
-    try:
-        args = parse_args(argv)
-        return run(args)
-    except bad_input_errors() as e:
-        if os.environ.get("MINIVGG_DEBUG"):
-            raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if isinstance(e, DatasetNotFoundError):
-            first += " Pass --data-dir DIR with the four .gz files, or see minivgg/data/fashion_mnist.py."
-        print(f"error: {first}", file=sys.stderr)
-        return 2
-    except OSError as e:   # a write failed (disk full, permission, a folder in the way): the old files stand
-        if os.environ.get("MINIVGG_DEBUG"):
-            raise
-        print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
-        return 4
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+
+    def hint(e):
+        return (" Pass --data-dir DIR with the four .gz files, or see minivgg/data/fashion_mnist.py."
+                if isinstance(e, DatasetNotFoundError) else "")
+    return option_table.run_command(lambda: run(parse_args(argv)), bad_input_errors(), hint)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ What a resumed run does with an option (`resume`):
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -118,3 +120,27 @@ def resolve(table, given: dict, saved: dict | None = None, preset: dict | None =
         merged.update({k: v for k, v in saved.items() if k in by_name and by_name[k].resume != IGNORED})
     merged.update(given)
     return merged
+
+
+def run_command(fn: Callable[[], int], bad_input: tuple, hint: Callable[[BaseException], str] = lambda e: "") -> int:
+    """fn()'s exit status, with a command's three kinds of failure each told in one line:
+    bad input (an exception of `bad_input`; hint(e) may add the flag to use) exits 2, a failed
+    write (any other OSError: disk full, permission, a folder in the way; the old files stand)
+    exits 4, Ctrl-C exits 130. Any other exception is a bug and keeps its traceback, as do all
+    of them under MINIVGG_DEBUG=1."""
+    try:
+        return fn()
+    except bad_input as e:
+        if os.environ.get("MINIVGG_DEBUG"):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {first}{hint(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if os.environ.get("MINIVGG_DEBUG"):
+            raise
+        print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
+        return 4
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
