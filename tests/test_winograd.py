@@ -256,3 +256,19 @@ def test_train_vgg11_conv_algo_flag():
     assert all(type(m) is AutoConv2d for _, m in model.modules() if isinstance(m, Conv2d))
     with pytest.raises(SystemExit):
         cli.parse_args(["--conv-algo", "fft"])
+
+
+@pytest.mark.parametrize("algo", ["winograd2", "winograd4"])
+def test_a_frozen_winograd_layer_makes_no_weight_gradient_and_the_same_dx(algo):
+    """As every conv engine: freeze() means no dL/dW, dL/db work; dL/dx is unchanged."""
+    rng = np.random.default_rng(4)
+    random_stream.seed(0)
+    conv = make_conv2d(6, 5, 3, padding=1, algo=algo).astype(np.float64)
+    x, dout = rng.standard_normal((2, 6, 7, 9)), rng.standard_normal((2, 5, 7, 9))
+    conv.forward(x)
+    dx = conv.backward(dout)
+    assert set(conv.grads) == {"weight", "bias"}
+    conv.freeze()
+    conv.forward(x)
+    np.testing.assert_array_equal(conv.backward(dout), dx)
+    assert conv.grads == {}

@@ -53,8 +53,8 @@ Numerics: the transforms add and subtract before the products, so the rounding e
 with their constants. In float32, against a float64 loop convolution on VGG-11's layers and
 real activations, F(2x2, 3x3)'s output and dL/dx are about twice as far off as im2col's (a few
 1e-7 of their norm) and F(4x4, 3x3)'s (entries up to 8 in A^T and 5 in B^T, fractions down to
-1/24 in G) about ten times (a few 1e-6); dL/dW came out as close as im2col's or closer. benchmarks/winograd_error.py measures it,
-docs/benchmarks/winograd.md records it. float16 data run their transforms and GEMMs in
+1/24 in G) about ten times (a few 1e-6); dL/dW came out as close as im2col's or closer. benchmarks/winograd_error.py measures
+it. float16 data run their transforms and GEMMs in
 float32 and are rounded once, at the end: both tile sizes then land at float16's own rounding
 (2e-4), closer than im2col computed in float16. So `auto` never avoids F(4x4) for accuracy,
 only where Winograd is slower: tiny maps (under 4 on a side) and thin first layers, which it
@@ -274,8 +274,9 @@ class WinogradConv2d(TunedConv2d):
             n = s.stop - s.start
             V = kept_V if kept_V is not None else winograd_tiles(xw[s], mats["BT"], m, pad, tiles)  # (a*a, C, P)
             dM = winograd_tiles(dw[s], mats["A"], m, (0, 0), tiles)      # (a*a, F, P): A dY A^T
-            g = xp.matmul(dM, V.transpose(0, 2, 1))                       # (a*a, F, C)
-            dU = g if dU is None else dU + g
+            if not self.frozen:   # a frozen layer makes no dL/dW, dL/db (as Conv2d)
+                g = xp.matmul(dM, V.transpose(0, 2, 1))                   # (a*a, F, C)
+                dU = g if dU is None else dU + g
             if self.needs_input_grad:
                 dV = xp.matmul(U.transpose(0, 2, 1), dM)                  # (a*a, C, P): U^T dM
                 Dt = (mats["KB"] @ dV.reshape(a * a, -1)).reshape(a * a, C, -1)   # B dV B^T per tile
@@ -286,6 +287,8 @@ class WinogradConv2d(TunedConv2d):
                     dx[..., s] = d.transpose(1, 2, 3, 0)
         if self.needs_input_grad and len(chunks) > 1:
             dx = dx.transpose(3, 0, 1, 2)                                 # (N, C, H, W) view
+        if self.frozen:
+            return dx
         dW = (mats["KG"].T @ dU.reshape(a * a, F * C)).T                  # (F*C, 9): G^T dU G
         self.grads["weight"] = xp.ascontiguousarray(dW).reshape(F, C, 3, 3).astype(x.dtype, copy=False)
         if "bias" in self.params:   # dout's row sums as D @ 1, as conv_fast: BLAS reads D faster than sum()
@@ -311,8 +314,7 @@ class AutoConv2d(WinogradConv2d):
     TILE = None
 
     def algorithm(self, H: int, W: int, dtype=np.float32) -> str:
-        """The rule, from measurements of every algorithm on VGG-11's layers (benchmarks/conv_speed.py,
-        docs/benchmarks/winograd.md):
+        """The rule, from measurements of every algorithm on VGG-11's layers (benchmarks/conv_speed.py):
           not 3x3 stride 1, or C < 16 (a first layer: its GEMMs are too thin to gain): im2col;
           an output under 4 on a side (VGG's 2x2 maps: a handful of tiles, too few tiles for the
           transforms to pay for themselves): im2col;

@@ -4,7 +4,7 @@ phase, unfreeze the top ones and fine-tune them at a lower learning rate (Keras'
 A block is the convolutions of one resolution and the max-pool that ends it: VGG-11 has five
 (conv1 | conv2 | conv3-4 | conv5-6 | conv7-8, each with its BatchNorm and ReLU). A frozen block
 keeps its weights, computes no weight gradients, and its BatchNorm layers run in eval mode
-(their running statistics normalise and stay as they are: Keras's rule, docs/TRAINING.md);
+(their running statistics normalise and stay as they are: Keras's rule);
 below the lowest trainable layer, backward does nothing at all (layers/container.py).
 
 The second phase (Unfreeze) starts at the beginning of epoch `at` (after `at` epochs): the
