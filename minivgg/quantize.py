@@ -250,9 +250,10 @@ def quantize_vgg(model, images, rule: str = "percentile", percentile: float = 99
     model.eval()
     layers = model.features.layers
     cal_in, cal = calibrator(), {j: calibrator() for b in blocks if b[0] == "conv" for j in [b[3]]}
+    device = backend.device_of(layers[0].params["weight"])
     batches = range(0, len(images), batch_size)
     for s in (progress(batches) if progress else batches):
-        h = backend.to_device(images[s:s + batch_size], model_device(model))
+        h = backend.to_device(images[s:s + batch_size], device)
         cal_in.observe(h)
         for j, layer in enumerate(layers):
             h = layer.forward(h)
@@ -298,11 +299,6 @@ def quantize_vgg(model, images, rule: str = "percentile", percentile: float = 99
     calibration = {"rule": rule, "percentile": percentile if rule == "percentile" else None,
                    "images": int(len(images)), "weight_bits": int(weight_bits), "ranges": ranges}
     return Int8VGG(model.config, images.shape[1:], x_scale, x_zero, stages, head, calibration)
-
-
-def model_device(model) -> str:
-    w = model.features.layers[0].params["weight"]
-    return "cpu" if isinstance(w, np.ndarray) else "gpu"
 
 
 def _name(model, layer) -> str:
