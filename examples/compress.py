@@ -82,6 +82,9 @@ def make_parser() -> argparse.ArgumentParser:
         g.add_argument("--train-subset", type=positive_int, default=None, metavar="N",
                        help="train on the first N training images only (smoke tests)")
         g.add_argument("--data-dir", default=None, metavar="DIR", help="folder with the Fashion-MNIST .gz files")
+        g.add_argument("--test-subset", type=positive_int, default=None, metavar="N",
+                       help="after training, score the kept network (best.npz) on the first N test images "
+                            "only (default: all 10,000), into DIR/test.json")
         g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
         g.add_argument("--temperature", type=float, default=4.0, help="distillation temperature T")
         g.add_argument("--alpha", type=float, default=0.9,
@@ -285,6 +288,25 @@ def best_or_last(trainer, model):
     return path
 
 
+def score_on_test_set(args, ckpt, model, path, out) -> dict:
+    """The kept network's (path, loaded in model) top-1 and top-5 on the Fashion-MNIST test images (the
+    first --test-subset N), preprocessed as the starting checkpoint; written to out/test.json."""
+    from minivgg.data import DataLoader, load_fashion_mnist, prepare_images
+    from minivgg.train import evaluate
+    images, labels = load_fashion_mnist("test", args.data_dir, download=False)
+    if args.test_subset:
+        images, labels = images[:args.test_subset], labels[:args.test_subset]
+    m = ckpt["meta"]
+    x = prepare_images(images, size=tuple(m["image_size"]), channels=m["channels"])   # uint8 (N, C, S, S)
+    ev = evaluate(model, DataLoader(x, labels, batch_size=256, shuffle=False,
+                                    normalize=(tuple(m["mean"]), tuple(m["std"]))))
+    score = {"top1": ev["top1"], "top5": ev["top5"], "loss": ev["loss"], "images": int(len(labels)),
+             "checkpoint": str(path)}
+    write_json(Path(out) / "test.json", score)
+    print(f"test top-1 {ev['top1']:.2%}, top-5 {ev['top5']:.2%} on {len(labels):,} test images ({path})")
+    return score
+
+
 def cmd_prune(args) -> int:
     from minivgg.models.prune import prune, select_channels
     from minivgg.train import evaluate
@@ -321,6 +343,7 @@ def cmd_prune(args) -> int:
     report.update(checkpoint=str(path), val_top1_after=evaluate(small, val_loader)["top1"])
     write_json(out / "prune.json", report)
     print(f"fine-tuned {args.epochs} epoch(s): validation top-1 {report['val_top1_after']:.4f}; wrote {path}")
+    score_on_test_set(args, ckpt, small, path, out)
     return 0
 
 
@@ -359,7 +382,9 @@ def cmd_distill(args) -> int:
           f"{'distilled at T=%g, alpha=%g' % (args.temperature, args.alpha) if with_teacher else 'labels only'}")
     trainer = train(args, student, ckpt, train_set, val_set, split, Path(args.out), args.epochs,
                     teacher=teacher, note="distill" if with_teacher else "student without teacher")
-    print(f"wrote {best_or_last(trainer, student)}")
+    path = best_or_last(trainer, student)
+    print(f"wrote {path}")
+    score_on_test_set(args, ckpt, student, path, args.out)
     return 0
 
 

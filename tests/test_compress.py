@@ -169,7 +169,7 @@ def test_the_whole_command_on_a_few_fashion_mnist_images(tmp_path, capsys):
     from minivgg.deploy import OnnxPredictor, Predictor
     cli = _compress_cli()
     ck, _ = fashion_checkpoint(tmp_path / "base.npz", head="gap", width_ratio=16)
-    common = ["--epochs", "1", "--train-subset", "64", "--no-progress"]
+    common = ["--epochs", "1", "--train-subset", "64", "--test-subset", "60", "--no-progress"]
     assert cli.main(["prune", "--checkpoint", str(ck), "--ratio", "0.5", "--min-channels", "2",
                      "--out", str(tmp_path / "pruned")] + common) == 0
     report = json.loads((tmp_path / "pruned" / "prune.json").read_text())
@@ -179,6 +179,15 @@ def test_the_whole_command_on_a_few_fashion_mnist_images(tmp_path, capsys):
     assert cli.main(["distill", "--teacher", str(ck), "--shrink", "2", "--out", str(tmp_path / "student")]
                     + common) == 0
     assert Predictor(tmp_path / "student" / "best.npz").config["width_ratio"] == 32
+    # each trained network's test score (test.json) is its best.npz's, on the first 60 test images
+    from minivgg.data import load_fashion_mnist, prepare_images
+    images, labels = load_fashion_mnist("test", download=False)
+    x = prepare_images(images[:60], size=(32, 32), channels=1)
+    for run in ("pruned", "student"):
+        score = json.loads((tmp_path / run / "test.json").read_text())
+        p = Predictor(tmp_path / run / "best.npz")
+        assert score["images"] == 60 and score["checkpoint"] == str(tmp_path / run / "best.npz")
+        assert score["top1"] == np.mean(p.logits(p.normalize(x)).argmax(1) == labels[:60])
     assert cli.main(["quantize", "--checkpoint", str(pruned), "--out", str(tmp_path / "p.int8.onnx"),
                      "--calibration", "16", "--no-progress"]) == 0
     assert "largest difference 0 step(s)" in capsys.readouterr().out
