@@ -101,15 +101,20 @@ class ConvCase:
         return f"{self.N}x{self.C}x{self.H}x{self.W} -> {self.F}"
 
 
-def vgg11_32_cases(batch: int = 64) -> list[ConvCase]:
-    """VGG-11's eight convs on 32x32 images; the last two share a shape (count=2)."""
-    return [ConvCase("conv1", batch, 3, 64, 32, 32),
-            ConvCase("conv2", batch, 64, 128, 16, 16),
-            ConvCase("conv3", batch, 128, 256, 8, 8),
-            ConvCase("conv4", batch, 256, 256, 8, 8),
-            ConvCase("conv5", batch, 256, 512, 4, 4),
-            ConvCase("conv6", batch, 512, 512, 4, 4),
-            ConvCase("conv7-8", batch, 512, 512, 2, 2, count=2)]
+def vgg11_32_cases(batch: int = 64, image: int = 32, width_ratio: int = 1, in_channels: int = 3) -> list[ConvCase]:
+    """VGG-11's eight convs on image x image inputs (32 by default), every width divided by
+    width_ratio as VGG(width_ratio=R) divides it; the last two share a shape (count=2).
+    d2l's VGG-11: image=224, width_ratio=4, in_channels=1; the quick start's: width_ratio=8,
+    in_channels=1 (batch 128)."""
+    c = [64 // width_ratio, 128 // width_ratio, 256 // width_ratio, 512 // width_ratio]
+    s = [image, image // 2, image // 4, image // 8, image // 16]
+    return [ConvCase("conv1", batch, in_channels, c[0], s[0], s[0]),
+            ConvCase("conv2", batch, c[0], c[1], s[1], s[1]),
+            ConvCase("conv3", batch, c[1], c[2], s[2], s[2]),
+            ConvCase("conv4", batch, c[2], c[2], s[2], s[2]),
+            ConvCase("conv5", batch, c[2], c[3], s[3], s[3]),
+            ConvCase("conv6", batch, c[3], c[3], s[3], s[3]),
+            ConvCase("conv7-8", batch, c[3], c[3], s[4], s[4], count=2)]
 
 
 def vgg16_224_cases(batch: int = 4) -> list[ConvCase]:
@@ -422,6 +427,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="cpu: NumPy vs torch CPU; gpu: CuPy vs torch CUDA (default: cpu)")
     p.add_argument("--vgg16-224", action="store_true",
                    help="VGG-16's convs on 224x224 images instead of VGG-11's on 32x32")
+    p.add_argument("--image", type=int, default=32, metavar="S",
+                   help="VGG-11's convs on SxS images (a multiple of 16; default 32)")
+    p.add_argument("--width-ratio", type=int, default=1, metavar="R",
+                   help="VGG-11's widths divided by R, as --width-ratio of the training command (d2l: 4, "
+                        "the quick start: 8; default 1)")
+    p.add_argument("--in-channels", type=int, default=3, metavar="C",
+                   help="VGG-11's first conv's input channels (Fashion-MNIST: 1; default 3)")
     p.add_argument("--batch", type=int, default=None,
                    help="batch size N (default: 64 for VGG-11 @ 32x32, 4 for --vgg16-224)")
     p.add_argument("--layers", default=None,
@@ -450,6 +462,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.min_time = 0.02 if args.device == "cpu" else 0.05
     if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
         p.error("--batch and --repeats must be >= 1, --warmup >= 0")
+    if args.image < 16 or args.image % 16:
+        p.error(f"--image: VGG-11 halves the map four times before its last convs; expected a multiple of "
+                f"16, got {args.image}")
+    if args.width_ratio < 1 or 64 % args.width_ratio:
+        p.error(f"--width-ratio: expected a divisor of 64 (1, 2, 4, 8, ...), got {args.width_ratio}")
+    if args.in_channels < 1:
+        p.error(f"--in-channels: expected a count >= 1, got {args.in_channels}")
+    if args.vgg16_224 and (args.image, args.width_ratio, args.in_channels) != (32, 1, 3):
+        p.error("--image, --width-ratio and --in-channels shape VGG-11's convs; --vgg16-224 takes none of them")
     return args
 
 
@@ -457,7 +478,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     tf32, threads_note, tol = common.start_run(args, TOL_FP32, TOL_TF32)
 
-    cases = vgg16_224_cases(args.batch) if args.vgg16_224 else vgg11_32_cases(args.batch)
+    cases = vgg16_224_cases(args.batch) if args.vgg16_224 else \
+        vgg11_32_cases(args.batch, args.image, args.width_ratio, args.in_channels)
     if args.layers:
         wanted = [s.strip() for s in args.layers.split(",") if s.strip()]
         unknown = sorted(set(wanted) - {c.name for c in cases})
@@ -466,7 +488,9 @@ def main(argv=None) -> dict:
         cases = [c for c in cases if c.name in wanted]
 
     info = common.machine_info(args.device)
-    net = "VGG-16 convs @ 224x224" if args.vgg16_224 else "VGG-11 convs @ 32x32"
+    net = "VGG-16 convs @ 224x224" if args.vgg16_224 else \
+        f"VGG-11 convs @ {args.image}x{args.image}" + (f", widths / {args.width_ratio}" if args.width_ratio > 1 else "") \
+        + (f", {args.in_channels} input channel(s)" if args.in_channels != 3 else "")
     print(common.header(info, f"{threads_note}; TF32 {'on' if args.tf32 else 'off'}"))
     print(f"benchmark: {net}, batch {args.batch}, float32, device {args.device}, median of "
           f"{args.repeats} interleaved repeats after {args.warmup} warm-up, check tolerance {tol:g}")

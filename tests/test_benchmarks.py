@@ -59,6 +59,13 @@ def test_conv_cases_match_the_networks():
     assert sum(c.count for c in cases) == 8 and all(c.N == 64 for c in cases)
     assert (cases[0].C, cases[0].F, cases[0].H) == (3, 64, 32) and (cases[-1].H, cases[-1].count) == (2, 2)
     assert sum(c.count for c in conv_speed.vgg16_224_cases()) == 13
+    # d2l's VGG-11 (widths / 4, 224x224, 1 channel): the shapes train_speed's d2l network runs
+    from minivgg.layers import Conv2d
+    net = train_speed.build_minivgg(train_speed.d2l_224_config())
+    convs = [m for _, m in net.modules() if isinstance(m, Conv2d)]
+    d2l = [c for c in conv_speed.vgg11_32_cases(16, image=224, width_ratio=4, in_channels=1) for _ in range(c.count)]
+    assert [(c.C, c.F) for c in d2l] == [(m.in_channels, m.out_channels) for m in convs]
+    assert [c.H for c in d2l] == [224, 112, 56, 56, 28, 28, 14, 14]
     assert TINY_CONV.flops_forward == 2 * 2 * 4 * 3 * 9 * 5 * 6 and TINY_CONV.flops_backward == 2 * TINY_CONV.flops_forward
 
 
