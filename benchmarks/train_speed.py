@@ -4,7 +4,8 @@ network trained by PyTorch, and how much memory does each need?
 One step = forward, softmax cross-entropy, backward, Adam update, on a fixed random batch:
   (a) VGG-11 on 32x32 images (Fashion-MNIST-like: 10 classes, 1 channel), batch 64, with the
       head pool_size=1 and hidden widths (512, 512); --batch-norm for VGG-11-BN;
-  (b) d2l's VGG-11 (every conv width divided by 4) on 224x224, classic 4096-4096 head.
+  (b) d2l's VGG-11 (every conv width divided by 4) on 224x224, classic 4096-4096 head;
+  (c) the quick start's VGG-11-BN (--models quick-start; widths / 8, 32x32, batch 128), not in "all".
 The PyTorch model is minivgg.models.torch_interop.to_torch(model): the same layers and weights,
 trained by torch.optim.Adam. Before timing, both must give the same logits and loss on the
 first step from the same weights (dropout off for that check), and gradients that agree.
@@ -86,6 +87,16 @@ def d2l_224_config(batch: int = 16, in_channels: int = 1) -> dict:
     return {"name": "d2l VGG-11 (width/4) @ 224x224", "key": "d2l-224", "batch": batch, "image": 224,
             "model": {"arch": "vgg11", "num_classes": 10, "in_channels": in_channels, "width_ratio": 4,
                       "head": "classic", "hidden": [4096, 4096], "pool_size": 7, "dropout": 0.5,
+                      "init": "xavier"}}
+
+
+def quick_start_config(batch: int = 128, in_channels: int = 1) -> dict:
+    """(c) the quick start's network (examples/train_vgg11.py's defaults): VGG-11-BN at 1/8 width on
+    32x32, classic head pooled to 1x1 with hidden widths (256, 256), no dropout, Xavier init, batch 128."""
+    return {"name": "quick start: VGG-11-BN (width/8) @ 32x32", "key": "quick-start", "batch": batch,
+            "image": 32,
+            "model": {"arch": "vgg11_bn", "num_classes": 10, "in_channels": in_channels, "width_ratio": 8,
+                      "head": "classic", "hidden": [256, 256], "pool_size": 1, "dropout": 0.0,
                       "init": "xavier"}}
 
 
@@ -425,7 +436,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             + MEMORY_METHOD["gpu"] + ".", 92))
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                    help="cpu: NumPy vs torch CPU; gpu: CuPy vs torch CUDA (default: cpu)")
-    p.add_argument("--models", choices=("all", "vgg11-32", "d2l-224"), default="all",
+    p.add_argument("--models", choices=("all", "vgg11-32", "d2l-224", "quick-start"), default="all",
                    help="which workload(s) to run (default: all)")
     p.add_argument("--batch", type=int, default=64, help="batch for VGG-11 @ 32x32 (default 64)")
     p.add_argument("--d2l-batch", type=int, default=None,
@@ -468,6 +479,8 @@ def main(argv=None) -> dict:
         configs.append(vgg11_32_config(args.batch, args.in_channels, args.batch_norm))
     if args.models in ("all", "d2l-224"):
         configs.append(d2l_224_config(args.d2l_batch, args.in_channels))
+    if args.models == "quick-start":
+        configs.append(quick_start_config(in_channels=args.in_channels))
 
     info = common.machine_info(args.device)
     print(common.header(info, f"{threads_note}; TF32 {'on' if args.tf32 else 'off'}"))

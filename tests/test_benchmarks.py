@@ -250,3 +250,16 @@ def test_conv_bench_times_and_checks_each_algorithm():
     pair["algos"]["winograd4"].params["weight"][...] += 0.05    # only the Winograd layer is wrong
     with pytest.raises(common.MismatchError, match="winograd4"):
         conv_speed.check_pair(pair)
+
+
+def test_quick_start_workload_is_the_training_commands_default_network():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "examples" / "train_vgg11.py"
+    spec = importlib.util.spec_from_file_location("train_vgg11_for_train_speed", path)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    args = cli.parse_args([])
+    config = train_speed.quick_start_config()
+    assert config["batch"] == args.batch_size and config["image"] == args.image_size
+    assert cli.make_model(args, 10, 1).config == train_speed.build_minivgg(config).config
