@@ -13,6 +13,7 @@ Each figure is the median over --steps timed steps after --warmup.
     PYTHONPATH=. python benchmarks/profile_step.py                      # VGG-11 @ 32x32, batch 64
     PYTHONPATH=. python benchmarks/profile_step.py --batch-norm --json out.json
     PYTHONPATH=. python benchmarks/profile_step.py --model d2l-224 --batch 16
+    PYTHONPATH=. python benchmarks/profile_step.py --model d2l-224 --conv-algo auto   # Winograd's transforms too
 """
 from __future__ import annotations
 
@@ -32,7 +33,9 @@ import numpy as np  # noqa: E402
 
 from benchmarks import train_speed  # noqa: E402
 from minivgg.layers import conv_fast as conv_module  # noqa: E402  (the engine the models build)
-from minivgg.layers import Conv2d  # noqa: E402
+from minivgg.layers import conv_winograd  # noqa: E402
+from minivgg.layers import CONV_ENGINES, Conv2d  # noqa: E402
+from minivgg.layers.conv_engines import DEFAULT_CONV_ENGINE  # noqa: E402
 from minivgg.losses import SoftmaxCrossEntropy  # noqa: E402
 from minivgg.optim import Adam  # noqa: E402
 from minivgg.train import skip_input_grad  # noqa: E402
@@ -83,6 +86,8 @@ def instrument(model, opt, clock):
     opt.step = timed(clock, "Adam step", opt.step)
     for name in ("im2col", "col2im"):
         setattr(conv_module, name, timed(clock, f"conv {name}", getattr(conv_module, name)))
+    for name in ("winograd_tiles", "winograd_untile"):   # the Winograd engine's transforms (--conv-algo)
+        setattr(conv_winograd, name, timed(clock, f"conv {name}", getattr(conv_winograd, name)))
 
 
 def conv_gemm_seconds(model, x, repeats: int = 5) -> dict:
@@ -142,16 +147,24 @@ def report(result: dict) -> str:
     step = result["step_seconds"]
     conv = parts.get("Conv2d forward", 0) + parts.get("Conv2d backward", 0)
     i2c, c2i = parts.get("conv im2col", 0), parts.get("conv col2im", 0)
+    tiles, untile = parts.get("conv winograd_tiles", 0), parts.get("conv winograd_untile", 0)
     g = sum(gemm.values())
+    gemm_row = "GEMMs (timed alone: fwd %s, dW %s, dx %s)" % tuple(common.fmt_ms(gemm[k]) for k in ("forward", "dW", "dx"))
     rows = [["whole step", common.fmt_ms(step), "100%"],
             ["Conv2d forward + backward", common.fmt_ms(conv), f"{conv / step:.0%}"],
             ["  of which im2col", common.fmt_ms(i2c), f"{i2c / step:.0%}"],
-            ["  of which col2im", common.fmt_ms(c2i), f"{c2i / step:.0%}"],
-            ["  of which GEMMs (timed alone: fwd %s, dW %s, dx %s)" % tuple(common.fmt_ms(gemm[k]) for k in
-                                                                       ("forward", "dW", "dx")),
-             common.fmt_ms(g), f"{g / step:.0%}"],
-            ["  other (reorder, bias, allocation)", common.fmt_ms(conv - i2c - c2i - g),
-             f"{(conv - i2c - c2i - g) / step:.0%}"]]
+            ["  of which col2im", common.fmt_ms(c2i), f"{c2i / step:.0%}"]]
+    if tiles or untile:   # a Winograd engine: its transforms, then the rest (its a*a GEMMs, copies)
+        rest_conv = conv - i2c - c2i - tiles - untile
+        rows += [["  of which Winograd tile gathers + transforms", common.fmt_ms(tiles), f"{tiles / step:.0%}"],
+                 ["  of which Winograd untiles", common.fmt_ms(untile), f"{untile / step:.0%}"],
+                 ["  other (a*a GEMMs, im2col layers' GEMMs, bias, allocation)", common.fmt_ms(rest_conv),
+                  f"{rest_conv / step:.0%}"],
+                 ["  (for comparison: the im2col " + gemm_row + ")", common.fmt_ms(g), f"{g / step:.0%}"]]
+    else:
+        rows += [["  of which " + gemm_row, common.fmt_ms(g), f"{g / step:.0%}"],
+                 ["  other (reorder, bias, allocation)", common.fmt_ms(conv - i2c - c2i - g),
+                  f"{(conv - i2c - c2i - g) / step:.0%}"]]
     kinds = sorted({k.rsplit(" ", 1)[0] for k in parts if not k.startswith(("conv ", "Conv2d", "Adam"))})
     for kind in kinds:
         f, b = parts.get(f"{kind} forward", 0), parts.get(f"{kind} backward", 0)
@@ -173,6 +186,8 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-norm", action="store_true", help="VGG-11-BN (vgg11-32 only)")
     p.add_argument("--steps", type=int, default=5, help="timed steps; medians are reported (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--conv-algo", choices=sorted(CONV_ENGINES), default=DEFAULT_CONV_ENGINE,
+                   help=f"the convolution engine (default: {DEFAULT_CONV_ENGINE})")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -180,6 +195,7 @@ def main(argv=None) -> dict:
         config = train_speed.vgg11_32_config(args.batch or 64, batch_norm=args.batch_norm)
     else:
         config = train_speed.d2l_224_config(args.batch or 16)
+    config = train_speed.with_algo(config, args.conv_algo)
     info = common.machine_info("cpu")
     print(common.header(info))
     print(f"profile: {config['name']}, batch {config['batch']}, median of {args.steps} steps after "
