@@ -437,7 +437,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                    help="cpu: NumPy vs torch CPU; gpu: CuPy vs torch CUDA (default: cpu)")
     p.add_argument("--models", choices=("all", "vgg11-32", "d2l-224", "quick-start"), default="all",
-                   help="which workload(s) to run (default: all)")
+                   help="which workload(s) to run: all = vgg11-32 and d2l-224; quick-start = the quick "
+                        "start's network, batch 128 (default: all)")
     p.add_argument("--batch", type=int, default=64, help="batch for VGG-11 @ 32x32 (default 64)")
     p.add_argument("--d2l-batch", type=int, default=None,
                    help="batch for d2l's VGG-11 @ 224x224 (default: 16 on the CPU, 128 on the GPU)")
