@@ -64,7 +64,7 @@ def build_int8_graph(qmodel, meta: dict | None = None, doc: str = "", debug: boo
     nodes.append(helper.make_node("DequantizeLinear", [x, const("features.scale", np.float32(last["y_scale"])),
                                                       const("features.zero", np.uint8(last["y_zero"]))],
                                   ["features.out"], name="features.dequantize"))
-    x, (c, h, w) = "features.out", shape
+    x, (_, h, w) = "features.out", shape
     for i, step in enumerate(qmodel.head):
         out = f"head.{i}.out"
         if step[0] == "avgpool":
