@@ -8,6 +8,7 @@ minivgg.random_stream; the NCCL lookup lives with data parallelism (minivgg.dist
 """
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -152,3 +153,39 @@ def synchronize(x=None) -> None:
 def device_of(x) -> str:
     """'cpu' or 'gpu:N' for an array."""
     return f"gpu:{x.device.id}" if is_gpu_array(x) else "cpu"
+
+
+class Scratch:
+    """Named work arrays kept from one call to the next, as a layer's engine needs them.
+
+    get(name, shape, like) gives an empty `shape` array of like's kind, device and dtype: a view
+    of the memory it gave under that name last time when that memory is large enough, else new
+    memory, kept for next time. Why: on the CPU every fresh page of a large array costs a page
+    fault, and the kernel zeroes the page before the array is written, so a fresh 50 MB array
+    takes about twice as long to fill as a reused one (glibc's malloc gives large freed blocks
+    back to the kernel, so a new array of that size starts from fresh pages again). CuPy's memory pool reuses device memory already.
+    The arrays are the caller's to overwrite on its next call: nothing it returns may be one.
+    Each name grows to the largest shape asked of it, so the memory is bounded by the caller's
+    largest working set; clear() lets it go (a model moved to another device or dtype).
+    """
+
+    def __init__(self):
+        self.buffers = {}   # name -> flat array
+
+    def get(self, name: str, shape: tuple, like, dtype=None):
+        dtype = np.dtype(like.dtype if dtype is None else dtype)
+        n = math.prod(shape)
+        buf = self.buffers.get(name)
+        if (buf is None or type(buf) is not type(like) or buf.dtype != dtype or buf.size < n
+                or device_of(buf) != device_of(like)):
+            xp = get_array_module(like)
+            if xp is np:
+                buf = np.empty(n, dtype=dtype)
+            else:
+                with cupy.cuda.Device(like.device.id):
+                    buf = cupy.empty(n, dtype=dtype)
+            self.buffers[name] = buf
+        return buf[:n].reshape(shape)
+
+    def clear(self) -> None:
+        self.buffers = {}

@@ -272,3 +272,62 @@ def test_a_frozen_winograd_layer_makes_no_weight_gradient_and_the_same_dx(algo):
     conv.forward(x)
     np.testing.assert_array_equal(conv.backward(dout), dx)
     assert conv.grads == {}
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_reused_work_memory_changes_no_result(device, rng, m):
+    """The engine keeps U, V, M, ... in its Scratch from call to call. Batches that grow, shrink
+    and change the map size give what a fresh layer gives, bit for bit, and no later call
+    changes what an earlier one returned (outputs and gradients are never work memory)."""
+    layer = ENGINES[m](4, 6, 3, padding=1).astype(np.float64).to(device)
+    layer.params["bias"][...] = backend.to_device(rng.standard_normal(6), device)
+    calls = []
+    for N, H, W in [(3, 9, 7), (5, 6, 6), (2, 9, 7), (3, 9, 7)]:
+        x, dout = rng.standard_normal((N, 4, H, W)), rng.standard_normal((N, 6, H, W))
+        fresh = ENGINES[m](4, 6, 3, padding=1).astype(np.float64)
+        fresh.load_state_dict(layer.state_dict())
+        want = run(fresh, x, dout, device)
+        got = [layer.forward(backend.to_device(x, device))]
+        got += [layer.backward(backend.to_device(dout, device)), layer.grads["weight"], layer.grads["bias"]]
+        for name, a, b in zip(["out", "dx", "dW", "db"], got, want):
+            np.testing.assert_array_equal(backend.to_numpy(a), b, err_msg=name)
+        calls.append((got, want))
+    assert set(layer.work.buffers) >= {"U", "V", "M", "T", "dU"}
+    for got, want in calls:   # after every later call
+        for name, a, b in zip(["out", "dx", "dW", "db"], got, want):
+            np.testing.assert_array_equal(backend.to_numpy(a), b, err_msg=f"{name}, changed by a later call")
+
+
+def test_scratch_reuses_memory_that_fits_and_replaces_what_does_not():
+    work = backend.Scratch()
+    like = np.zeros(1, np.float32)
+    a = work.get("a", (4, 5), like)
+    assert a.shape == (4, 5) and a.dtype == np.float32
+    b = work.get("a", (2, 3), like)                       # fits: the same memory
+    assert np.shares_memory(a, b)
+    c = work.get("a", (5, 5), like)                       # larger: new memory, kept from now on
+    assert not np.shares_memory(a, c) and np.shares_memory(c, work.get("a", (25,), like))
+    d = work.get("a", (2, 3), like, np.float64)           # another dtype: new memory
+    assert d.dtype == np.float64 and not np.shares_memory(c, d)
+    assert not np.shares_memory(work.get("b", (2, 3), like), work.get("a", (2, 3), like, np.float64))
+    work.clear()
+    assert work.buffers == {} and not np.shares_memory(work.get("a", (2, 3), like, np.float64), d)
+
+
+@pytest.mark.parametrize("q,step,pad", [(6, 4, (1, 1)), (4, 2, (2, 0)), (4, 4, (0, 0))])
+def test_tile_gathers_into_reused_memory_equal_fresh_ones(rng, q, step, pad):
+    """winograd_tiles_cpu's padded map and windows in a Scratch that held other data (a larger
+    map with another padding): the zero border is rewritten, the tiles equal fresh ones."""
+    work = backend.Scratch()
+    big = rng.standard_normal((3, 4, 11, 12)) + 5.0                   # leaves non-zero memory behind
+    winograd_tiles_cpu(big, np.eye(q), step, (2, 2), (4, 4), scratch=work)
+    pad_memory = work.buffers["tiles.pad"]
+    N, C, H, W = 2, 3, 7, 6
+    tiles = (-(-(H + 2 * pad[0] - q) // step) + 1, -(-(W + 2 * pad[1] - q) // step) + 1)
+    x = rng.standard_normal((N, C, H, W))
+    L = rng.standard_normal((q, q))
+    out = np.empty((q * q, C, tiles[0] * tiles[1] * N))
+    got = winograd_tiles_cpu(x, L, step, pad, tiles, out=out, scratch=work)
+    assert np.shares_memory(got, out)
+    np.testing.assert_array_equal(got, winograd_tiles_cpu(x, L, step, pad, tiles))
+    assert work.buffers["tiles.pad"] is pad_memory, "a smaller map did not reuse the memory"

@@ -107,12 +107,13 @@ def maxpool_backward(dout, argmax, x_shape, KH, KW, stride, pad):
     return maxpool_backward_cpu(dout, argmax, x_shape, KH, KW, stride, pad)
 
 
-def winograd_tiles(x, L, step: int, pad: tuple, tiles: tuple):
+def winograd_tiles(x, L, step: int, pad: tuple, tiles: tuple, out=None, scratch=None):
     """x (N, C, H, W) -> (k*k, C, TH*TW*N): every q x q tile of the zero-padded x, at a stride
-    of `step`, as L d L^T (L (k, q), on x's device; float64 on the GPU)."""
+    of `step`, as L d L^T (L (k, q), on x's device; float64 on the GPU). Into `out` when given
+    (contiguous, of that shape); the CPU's gather copies into a backend.Scratch when given."""
     if is_gpu_array(x):
-        return _gpu().winograd_tiles_gpu(x, L, step, pad, tiles)
-    return winograd_tiles_cpu(x, L, step, pad, tiles)
+        return _gpu().winograd_tiles_gpu(x, L, step, pad, tiles, out)
+    return winograd_tiles_cpu(x, L, step, pad, tiles, out, scratch)
 
 
 def winograd_untile(T, q: int, step: int, pad: tuple, shape: tuple, tiles: tuple, bias=None):

@@ -204,13 +204,15 @@ def maxpool_backward_cpu(dout, argmax, x_shape, KH: int, KW: int, stride: tuple,
 # "tile domain": (k*k, C, TH*TW*N), entry (i, j) of every tile in row i*k + j, the
 # tiles in (th, tw, n) order, so each of the k*k rows is one GEMM operand of shape (C, P).
 # ---------------------------------------------------------------------------
-def winograd_tiles_cpu(x, L, step: int, pad: tuple, tiles: tuple):
+def winograd_tiles_cpu(x, L, step: int, pad: tuple, tiles: tuple, out=None, scratch=None):
     """x (N, C, H, W) -> (k*k, C, TH*TW*N): tile (th, tw) is the q x q window of x, padded by
     `pad` with zeros, at (th*step, tw*step) of the padded map, sent out as L d L^T (L (k, q)).
 
     Two passes: one copy gathers the windows (q, q, C, TH, TW, N) from x's CHWN memory
     (split over the cores), and one GEMM, kron(L, L) (k*k, q*q) @ windows (q*q, C*P),
-    transforms them all: vec(L d L^T) = kron(L, L) vec(d) for row-major vec.
+    transforms them all: vec(L d L^T) = kron(L, L) vec(d) for row-major vec. The result goes
+    into `out` when given (a contiguous (k*k, C, P) array); the padded map and the windows into
+    scratch's "tiles.pad" and "tiles.raw" when a backend.Scratch is given.
     """
     N, C, H, W = x.shape
     k, q = L.shape
@@ -220,16 +222,20 @@ def winograd_tiles_cpu(x, L, step: int, pad: tuple, tiles: tuple):
     if (ph, pw, Hp, Wp) == (0, 0, H, W):
         xpad = np.ascontiguousarray(xc)                               # no copy when x is CHWN already
     else:
-        xpad = np.zeros((C, Hp, Wp, N), dtype=x.dtype)                # (C, Hp, Wp, N)
         h, w = min(H, Hp - ph), min(W, Wp - pw)
+        xpad = np.empty((C, Hp, Wp, N), dtype=x.dtype) if scratch is None else \
+            scratch.get("tiles.pad", (C, Hp, Wp, N), x)               # (C, Hp, Wp, N)
+        xpad[:, :ph], xpad[:, ph + h:], xpad[:, :, :pw], xpad[:, :, pw + w:] = 0, 0, 0, 0   # the zero border
         parallel_copyto(xpad[:, ph:ph + h, pw:pw + w], xc[:, :h, :w])
     sC, sH, sW, sN = xpad.strides
     windows = as_strided(xpad, shape=(q, q, C, TH, TW, N),
                          strides=(sH, sW, sC, sH * step, sW * step, sN), writeable=False)
-    d = np.empty((q, q, C, TH, TW, N), dtype=x.dtype)                 # (q, q, C, TH, TW, N)
+    d = np.empty((q, q, C, TH, TW, N), dtype=x.dtype) if scratch is None else \
+        scratch.get("tiles.raw", (q, q, C, TH, TW, N), x)             # (q, q, C, TH, TW, N)
     parallel_copyto(d, windows)
     K = np.kron(L, L).astype(x.dtype, copy=False)                     # (k*k, q*q)
-    return (K @ d.reshape(q * q, -1)).reshape(k * k, C, TH * TW * N)  # (k*k, C, P)
+    T = np.matmul(K, d.reshape(q * q, -1), out=None if out is None else out.reshape(k * k, -1))
+    return T.reshape(k * k, C, TH * TW * N)                           # (k*k, C, P)
 
 
 def winograd_untile_cpu(T, q: int, step: int, pad: tuple, shape: tuple, tiles: tuple, bias=None):

@@ -113,15 +113,16 @@ def maxpool_backward_gpu(dout, argmax, x_shape, KH: int, KW: int, stride: tuple,
 WINOGRAD_MAX = 6       # the largest tile side kernels.cu's Winograd kernels hold (F(4x4, 3x3)'s 6)
 
 
-def winograd_tiles_gpu(x, L, step: int, pad: tuple, tiles: tuple):
-    """x (N, C, H, W) -> (k*k, C, TH*TW*N), every tile as L d L^T, as winograd_tiles_cpu;
-    L (k, q) is a device array, read as float64."""
+def winograd_tiles_gpu(x, L, step: int, pad: tuple, tiles: tuple, out=None):
+    """x (N, C, H, W) -> (k*k, C, TH*TW*N), every tile as L d L^T, as winograd_tiles_cpu, into
+    `out` when given (a contiguous array of that shape); L (k, q) is a device array, read as float64."""
     N, C, H, W = x.shape
     k, q = L.shape
     if max(k, q) > WINOGRAD_MAX:
         raise ValueError(f"winograd_tiles_gpu: tiles of at most {WINOGRAD_MAX}x{WINOGRAD_MAX}, got L {k}x{q}")
     TH, TW = tiles
-    out = cp.empty((k * k, C, TH * TW * N), dtype=x.dtype)
+    if out is None:
+        out = cp.empty((k * k, C, TH * TW * N), dtype=x.dtype)
     _launch(_kernel("winograd_tiles", x.dtype), C * TH * TW * N, chwn(x), out,
             cp.ascontiguousarray(L, dtype=cp.float64),
             *_i32(k, q, step, N, C, H, W, TH, TW, pad[0], pad[1]))

@@ -188,6 +188,7 @@ class WinogradConv2d(TunedConv2d):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.mats = None    # the transform matrices on the parameters' device (see matrices)
+        self.work = backend.Scratch()   # U, V, M, ... reused from step to step (see forward)
 
     def algorithm(self, H: int, W: int, dtype=np.float32) -> str:
         """The algorithm forward runs on an (N, C, H, W) input: 'winograd2', 'winograd4' or
@@ -197,6 +198,7 @@ class WinogradConv2d(TunedConv2d):
     def drop_scratch(self) -> None:
         super().drop_scratch()
         self.mats = None
+        self.work.clear()
 
     def matrices(self, m: int, like, dtype) -> dict:
         """The transforms of F(m x m, 3 x 3) on like's device: L matrices for the tile gathers
@@ -229,7 +231,8 @@ class WinogradConv2d(TunedConv2d):
         (OH, OW), tiles = tile_grid(H, W, pad, m)
         T = tiles[0] * tiles[1]
         W9 = self.params["weight"].astype(work, copy=False).reshape(F * C, 9)
-        U = (mats["KG"] @ W9.T).reshape(a * a, F, C)                      # (a*a, F, C): G g G^T
+        U = self.work.get("U", (a * a, F, C), x, work)                   # (a*a, F, C): G g G^T
+        xp.matmul(mats["KG"], W9.T, out=U.reshape(a * a, F * C))
         bias = self.params["bias"].astype(work, copy=False) if "bias" in self.params else None
         xw = x.astype(work, copy=False)
         chunks = batch_chunks(N, a * a * T * (2 * C + F) * np.dtype(work).itemsize, like=x)
@@ -237,9 +240,12 @@ class WinogradConv2d(TunedConv2d):
         V = None
         for s in chunks:
             n = s.stop - s.start
-            V = winograd_tiles(xw[s], mats["BT"], m, pad, tiles)          # (a*a, C, P): B^T d B
-            M = xp.matmul(U, V)                                           # (a*a, F, P)
-            Yt = (mats["KAT"] @ M.reshape(a * a, -1)).reshape(m * m, F, -1)   # (m*m, F, P): A^T M A
+            P = T * n
+            V = winograd_tiles(xw[s], mats["BT"], m, pad, tiles, out=self.work.get("V", (a * a, C, P), x, work),
+                               scratch=self.work)                         # (a*a, C, P): B^T d B
+            M = xp.matmul(U, V, out=self.work.get("M", (a * a, F, P), x, work))    # (a*a, F, P)
+            Yt = self.work.get("T", (m * m, F, P), x, work)               # (m*m, F, P): A^T M A
+            xp.matmul(mats["KAT"], M.reshape(a * a, -1), out=Yt.reshape(m * m, -1))
             y = winograd_untile(Yt, m, m, (0, 0), (n, F, OH, OW), tiles, bias)  # (n, F, OH, OW)
             if out is None:
                 out = y
@@ -272,14 +278,21 @@ class WinogradConv2d(TunedConv2d):
         dU = None
         for s in chunks:
             n = s.stop - s.start
-            V = kept_V if kept_V is not None else winograd_tiles(xw[s], mats["BT"], m, pad, tiles)  # (a*a, C, P)
-            dM = winograd_tiles(dw[s], mats["A"], m, (0, 0), tiles)      # (a*a, F, P): A dY A^T
+            P = T * n
+            V = kept_V if kept_V is not None else \
+                winograd_tiles(xw[s], mats["BT"], m, pad, tiles, out=self.work.get("V", (a * a, C, P), x, work),
+                               scratch=self.work)                         # (a*a, C, P)
+            dM = winograd_tiles(dw[s], mats["A"], m, (0, 0), tiles, out=self.work.get("M", (a * a, F, P), x, work),
+                                scratch=self.work)                        # (a*a, F, P): A dY A^T
             if not self.frozen:   # a frozen layer makes no dL/dW, dL/db (as Conv2d)
-                g = xp.matmul(dM, V.transpose(0, 2, 1))                   # (a*a, F, C)
-                dU = g if dU is None else dU + g
+                if dU is None:
+                    dU = xp.matmul(dM, V.transpose(0, 2, 1), out=self.work.get("dU", (a * a, F, C), x, work))
+                else:                                                     # (a*a, F, C)
+                    dU += xp.matmul(dM, V.transpose(0, 2, 1))
             if self.needs_input_grad:
-                dV = xp.matmul(U.transpose(0, 2, 1), dM)                  # (a*a, C, P): U^T dM
-                Dt = (mats["KB"] @ dV.reshape(a * a, -1)).reshape(a * a, C, -1)   # B dV B^T per tile
+                dV = xp.matmul(U.transpose(0, 2, 1), dM, out=self.work.get("T", (a * a, C, P), x, work))
+                Dt = self.work.get("M", (a * a, C, P), x, work)           # (a*a, C, P): U^T dM; dM is spent
+                xp.matmul(mats["KB"], dV.reshape(a * a, -1), out=Dt.reshape(a * a, -1))   # B dV B^T per tile
                 d = winograd_untile(Dt, a, m, pad, (n, C, H, W), tiles)  # (n, C, H, W): overlaps add
                 if dx is None:
                     dx = d.astype(x.dtype, copy=False)
@@ -289,8 +302,8 @@ class WinogradConv2d(TunedConv2d):
             dx = dx.transpose(3, 0, 1, 2)                                 # (N, C, H, W) view
         if self.frozen:
             return dx
-        dW = (mats["KG"].T @ dU.reshape(a * a, F * C)).T                  # (F*C, 9): G^T dU G
-        self.grads["weight"] = xp.ascontiguousarray(dW).reshape(F, C, 3, 3).astype(x.dtype, copy=False)
+        dW = dU.reshape(a * a, F * C).T @ mats["KG"]                      # (F*C, 9): G^T dU G
+        self.grads["weight"] = dW.reshape(F, C, 3, 3).astype(x.dtype, copy=False)
         if "bias" in self.params:   # dout's row sums as D @ 1, as conv_fast: BLAS reads D faster than sum()
             D = dw.transpose(1, 2, 3, 0).reshape(F, -1)                   # (F, OH*OW*N), a view of CHWN dout
             self.grads["bias"] = (D @ xp.ones(D.shape[1], dtype=work)).astype(x.dtype, copy=False)   # (F,)
