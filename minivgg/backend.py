@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 import numpy as np
 
@@ -189,3 +190,16 @@ class Scratch:
 
     def clear(self) -> None:
         self.buffers = {}
+
+
+_THREAD = threading.local()
+
+
+def shared_scratch() -> Scratch:
+    """This thread's Scratch for work arrays that live only inside one call (a forward or a
+    backward): the layers of a network run one at a time, so they can all use the same memory,
+    and it grows to the largest layer's need instead of the sum of them all. Each thread has
+    its own, so two threads' calls never share."""
+    if not hasattr(_THREAD, "scratch"):
+        _THREAD.scratch = Scratch()
+    return _THREAD.scratch

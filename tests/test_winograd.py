@@ -1,5 +1,7 @@
 # Winograd's F(2x2, 3x3) and F(4x4, 3x3): the matrices, the per-tile reference and the engine,
 # against the loop convolution, PyTorch and central differences, on both backends.
+import threading
+
 import numpy as np
 import pytest
 
@@ -292,10 +294,31 @@ def test_reused_work_memory_changes_no_result(device, rng, m):
         for name, a, b in zip(["out", "dx", "dW", "db"], got, want):
             np.testing.assert_array_equal(backend.to_numpy(a), b, err_msg=name)
         calls.append((got, want))
-    assert set(layer.work.buffers) >= {"U", "V", "M", "T", "dU"}
+    assert set(layer.work.buffers) == {"U", "V"}
+    assert set(backend.shared_scratch().buffers) >= {"M", "T", "dU"}
     for got, want in calls:   # after every later call
         for name, a, b in zip(["out", "dx", "dW", "db"], got, want):
             np.testing.assert_array_equal(backend.to_numpy(a), b, err_msg=f"{name}, changed by a later call")
+
+
+def test_layers_share_their_temporaries_so_memory_is_the_largest_layers_not_the_sum(rng):
+    """Two layers in one thread: the second, smaller one computes in the first one's memory;
+    each keeps only its own U and V (backward needs them). Another thread has its own."""
+    backend.shared_scratch().clear()
+    big, small = Winograd4Conv2d(8, 8, 3, padding=1), Winograd4Conv2d(4, 4, 3, padding=1)
+    for layer, C in ((big, 8), (small, 4)):
+        y = layer.forward(rng.standard_normal((2, C, 8, 8)).astype(np.float32))
+        layer.backward(np.ones_like(y))
+        if layer is big:
+            memory = dict(backend.shared_scratch().buffers)
+    now = backend.shared_scratch().buffers
+    assert now.keys() == memory.keys() and all(now[k] is memory[k] for k in now), "grown or replaced"
+    assert not np.shares_memory(big.work.buffers["V"], small.work.buffers["V"])
+    other = []
+    thread = threading.Thread(target=lambda: other.append(backend.shared_scratch()))
+    thread.start()
+    thread.join()
+    assert other[0] is not backend.shared_scratch()
 
 
 def test_scratch_reuses_memory_that_fits_and_replaces_what_does_not():

@@ -69,7 +69,11 @@ extends. Its CPU and GPU paths are the same four steps; only the tile gathers di
     Yt = kron(A^T, A^T) @ M             one GEMM: every tile's A^T M A
     y  = winograd_untile(Yt) + b        tiles back onto the map, bias added in the same pass
 The batch runs in chunks whose tiles (V, M) fit the workspace limit as im2col's columns do;
-forward keeps V for backward when the batch is one chunk.
+forward keeps V for backward when the batch is one chunk. Every array above but the output and
+the gradients lives in memory reused from step to step (backend.Scratch: fresh pages of a large
+array cost a page fault each, which measured as much as the transforms): U and V in the
+layer's own, as backward needs them; M, Yt, dM, dU, dV and the gathers' copies in one Scratch
+all the layers of a thread share, since none outlives its call.
 """
 from __future__ import annotations
 
@@ -188,7 +192,7 @@ class WinogradConv2d(TunedConv2d):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.mats = None    # the transform matrices on the parameters' device (see matrices)
-        self.work = backend.Scratch()   # U, V, M, ... reused from step to step (see forward)
+        self.work = backend.Scratch()   # U and V, kept for backward, reused from step to step
 
     def algorithm(self, H: int, W: int, dtype=np.float32) -> str:
         """The algorithm forward runs on an (N, C, H, W) input: 'winograd2', 'winograd4' or
@@ -199,6 +203,7 @@ class WinogradConv2d(TunedConv2d):
         super().drop_scratch()
         self.mats = None
         self.work.clear()
+        backend.shared_scratch().clear()   # the temporaries too: they may be on the old device
 
     def matrices(self, m: int, like, dtype) -> dict:
         """The transforms of F(m x m, 3 x 3) on like's device: L matrices for the tile gathers
@@ -236,15 +241,16 @@ class WinogradConv2d(TunedConv2d):
         bias = self.params["bias"].astype(work, copy=False) if "bias" in self.params else None
         xw = x.astype(work, copy=False)
         chunks = batch_chunks(N, a * a * T * (2 * C + F) * np.dtype(work).itemsize, like=x)
+        temp = backend.shared_scratch()                                   # M, T and the gathers' memory
         out = None if len(chunks) == 1 else xp.empty((F, OH, OW, N), dtype=work)   # (F, OH, OW, N)
         V = None
         for s in chunks:
             n = s.stop - s.start
             P = T * n
             V = winograd_tiles(xw[s], mats["BT"], m, pad, tiles, out=self.work.get("V", (a * a, C, P), x, work),
-                               scratch=self.work)                         # (a*a, C, P): B^T d B
-            M = xp.matmul(U, V, out=self.work.get("M", (a * a, F, P), x, work))    # (a*a, F, P)
-            Yt = self.work.get("T", (m * m, F, P), x, work)               # (m*m, F, P): A^T M A
+                               scratch=temp)                              # (a*a, C, P): B^T d B
+            M = xp.matmul(U, V, out=temp.get("M", (a * a, F, P), x, work))   # (a*a, F, P)
+            Yt = temp.get("T", (m * m, F, P), x, work)                    # (m*m, F, P): A^T M A
             xp.matmul(mats["KAT"], M.reshape(a * a, -1), out=Yt.reshape(m * m, -1))
             y = winograd_untile(Yt, m, m, (0, 0), (n, F, OH, OW), tiles, bias)  # (n, F, OH, OW)
             if out is None:
@@ -272,6 +278,7 @@ class WinogradConv2d(TunedConv2d):
         mats = self.matrices(m, x, work)
         xw, dw = x.astype(work, copy=False), dout.astype(work, copy=False)
         T = tiles[0] * tiles[1]
+        temp = backend.shared_scratch()                                   # dM, dU, dV, ... (see forward)
         chunks = [slice(0, N)] if kept_V is not None else \
             batch_chunks(N, a * a * T * (2 * C + F) * np.dtype(work).itemsize, like=x)
         dx = xp.empty((C, H, W, N), dtype=x.dtype) if self.needs_input_grad and len(chunks) > 1 else None
@@ -281,17 +288,17 @@ class WinogradConv2d(TunedConv2d):
             P = T * n
             V = kept_V if kept_V is not None else \
                 winograd_tiles(xw[s], mats["BT"], m, pad, tiles, out=self.work.get("V", (a * a, C, P), x, work),
-                               scratch=self.work)                         # (a*a, C, P)
-            dM = winograd_tiles(dw[s], mats["A"], m, (0, 0), tiles, out=self.work.get("M", (a * a, F, P), x, work),
-                                scratch=self.work)                        # (a*a, F, P): A dY A^T
+                               scratch=temp)                              # (a*a, C, P)
+            dM = winograd_tiles(dw[s], mats["A"], m, (0, 0), tiles, out=temp.get("M", (a * a, F, P), x, work),
+                                scratch=temp)                             # (a*a, F, P): A dY A^T
             if not self.frozen:   # a frozen layer makes no dL/dW, dL/db (as Conv2d)
                 if dU is None:
-                    dU = xp.matmul(dM, V.transpose(0, 2, 1), out=self.work.get("dU", (a * a, F, C), x, work))
+                    dU = xp.matmul(dM, V.transpose(0, 2, 1), out=temp.get("dU", (a * a, F, C), x, work))
                 else:                                                     # (a*a, F, C)
                     dU += xp.matmul(dM, V.transpose(0, 2, 1))
             if self.needs_input_grad:
-                dV = xp.matmul(U.transpose(0, 2, 1), dM, out=self.work.get("T", (a * a, C, P), x, work))
-                Dt = self.work.get("M", (a * a, C, P), x, work)           # (a*a, C, P): U^T dM; dM is spent
+                dV = xp.matmul(U.transpose(0, 2, 1), dM, out=temp.get("T", (a * a, C, P), x, work))
+                Dt = temp.get("M", (a * a, C, P), x, work)           # (a*a, C, P): U^T dM; dM is spent
                 xp.matmul(mats["KB"], dV.reshape(a * a, -1), out=Dt.reshape(a * a, -1))   # B dV B^T per tile
                 d = winograd_untile(Dt, a, m, pad, (n, C, H, W), tiles)  # (n, C, H, W): overlaps add
                 if dx is None:
