@@ -180,22 +180,31 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="The step, model and batch are those of benchmarks/train_speed.py.")
-    p.add_argument("--model", choices=("vgg11-32", "d2l-224"), default="vgg11-32",
-                   help="VGG-11 on 32x32 (default) or d2l's VGG-11 (width 1/4) on 224x224")
-    p.add_argument("--batch", type=int, default=None, help="batch size (default 64 / 16)")
+    p.add_argument("--model", choices=("vgg11-32", "d2l-224", "quick-start"), default="vgg11-32",
+                   help="VGG-11 on 32x32 (default), d2l's VGG-11 (width 1/4) on 224x224, or the quick "
+                        "start's VGG-11-BN (width 1/8) on 32x32")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default 64 / 16 / 128)")
     p.add_argument("--batch-norm", action="store_true", help="VGG-11-BN (vgg11-32 only)")
     p.add_argument("--steps", type=int, default=5, help="timed steps; medians are reported (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--conv-algo", choices=sorted(CONV_ENGINES), default=DEFAULT_CONV_ENGINE,
                    help=f"the convolution engine (default: {DEFAULT_CONV_ENGINE})")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="let glibc keep freed memory as the training command does (minivgg/hostmem.py); for "
+                        "the whole process, so run it in a process of its own")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.model == "vgg11-32":
         config = train_speed.vgg11_32_config(args.batch or 64, batch_norm=args.batch_norm)
-    else:
+    elif args.model == "d2l-224":
         config = train_speed.d2l_224_config(args.batch or 16)
+    else:
+        config = train_speed.quick_start_config(args.batch or 128)
     config = train_speed.with_algo(config, args.conv_algo)
+    if args.keep_freed_memory:
+        from minivgg import hostmem
+        print(f"keep freed memory (glibc mallopt): {hostmem.keep_freed_memory()}")
     info = common.machine_info("cpu")
     print(common.header(info))
     print(f"profile: {config['name']}, batch {config['batch']}, median of {args.steps} steps after "

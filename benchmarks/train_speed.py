@@ -13,6 +13,11 @@ first step from the same weights (dropout off for that check), and gradients tha
     PYTHONPATH=. python benchmarks/train_speed.py                      # both models, CPU
     PYTHONPATH=. python benchmarks/train_speed.py --models vgg11-32 --batch-norm --json out.json
     PYTHONPATH=. python benchmarks/train_speed.py --device gpu         # CuPy vs PyTorch CUDA
+    PYTHONPATH=. python benchmarks/train_speed.py --conv-algos im2col-fast,auto --host-memory both
+
+--host-memory keep runs every subprocess, torch's too, after minivgg.hostmem.keep_freed_memory()
+(glibc keeps freed memory for the next step instead of unmapping it; what the training command
+does by default); both times each variant with glibc's default and with it, alternating.
 """
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import minivgg  # noqa: E402
-from minivgg import backend  # noqa: E402
+from minivgg import backend, hostmem  # noqa: E402
 from minivgg.layers import Dropout  # noqa: E402
 from minivgg.losses import SoftmaxCrossEntropy  # noqa: E402
 from minivgg.layers import CONV_ENGINES  # noqa: E402
@@ -119,10 +124,12 @@ def build_minivgg(config: dict, seed: int = 0):
     return VGG(**config["model"], conv_algo=config.get("conv_algo", DEFAULT_CONV_ENGINE))
 
 
-def with_algo(config: dict, algo: str) -> dict:
-    """config with its convolutions computed by engine `algo`, named so in the report."""
-    name = config["name"] if algo == DEFAULT_CONV_ENGINE else f"{config['name']} [{algo}]"
-    return dict(config, conv_algo=algo, name=name)
+def with_algo(config: dict, algo: str, keep_memory: bool = False) -> dict:
+    """config with its convolutions computed by engine `algo`, and with glibc keeping freed memory
+    (hostmem.keep_freed_memory) if keep_memory, named so in the report."""
+    tags = ([] if algo == DEFAULT_CONV_ENGINE else [algo]) + (["keep-memory"] if keep_memory else [])
+    name = f"{config['name']} [{', '.join(tags)}]" if tags else config["name"]
+    return dict(config, conv_algo=algo, keep_freed_memory=keep_memory, name=name)
 
 
 def torch_device(device: str) -> torch.device:
@@ -276,6 +283,8 @@ def time_training(framework: str, config: dict, device: str = "cpu", steps: int 
     if framework not in ("minivgg", "torch"):
         raise ValueError(f"framework must be 'minivgg' or 'torch', got {framework!r}")
     os.environ["CUPY_TF32"] = "1" if tf32 else "0"   # CuPy reads it at its first float32 matmul
+    if config.get("keep_freed_memory") and not hostmem.keep_freed_memory():
+        raise RuntimeError("keep_freed_memory: this C library is not glibc; nothing to compare")
     common.set_torch_tf32(tf32)
     common.set_threads(threads)
     if device == "gpu":
@@ -388,6 +397,7 @@ def summarize(config: dict, check: dict, mv: dict, tt: dict) -> dict:
                                           tt.get("round_medians", [tt["step"]["median"]]))]
     return {"name": config["name"], "key": config["key"], "batch": config["batch"], "image": config["image"],
             "conv_algo": config.get("conv_algo", DEFAULT_CONV_ENGINE),
+            "keep_freed_memory": bool(config.get("keep_freed_memory")),
             "model": config["model"], "check": check, "minivgg": mv, "torch": tt,
             "ratio_time": float(np.median(round_ratios)), "round_ratios": round_ratios,
             "ratio_memory": (mv["memory"]["peak_bytes"] / tt["memory"]["peak_bytes"]
@@ -456,6 +466,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated convolution engines for minivgg (of CONV_ENGINES: "
                         f"{', '.join(sorted(CONV_ENGINES))}); with several, every round times each in "
                         f"turn, then torch (default: {DEFAULT_CONV_ENGINE})")
+    p.add_argument("--host-memory", choices=("default", "keep", "both"), default="default",
+                   help="default: glibc's malloc as it comes; keep: every subprocess (torch's too) after "
+                        "minivgg.hostmem.keep_freed_memory(), as the training command runs; both: each "
+                        "variant both ways, in turn (default: default)")
     p.add_argument("--grad-tol", type=float, default=GRAD_TOL,
                    help=f"tolerance of the gradient check after step 1 (default {GRAD_TOL}; see the docs "
                         "of check_first_step for why it is loose)")
@@ -465,6 +479,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = sorted(set(args.conv_algos) - set(CONV_ENGINES))
     if unknown or not args.conv_algos:
         p.error(f"--conv-algos: unknown {unknown or 'empty'}; choose from {sorted(CONV_ENGINES)}")
+    if args.host_memory != "default" and args.device != "cpu":
+        p.error(f"--host-memory {args.host_memory} is about the host's malloc: use it with --device cpu")
     if args.d2l_batch is None:
         args.d2l_batch = 16 if args.device == "cpu" else 128
     if min(args.batch, args.d2l_batch, args.steps, args.rounds) < 1 or args.warmup < 0:
@@ -491,44 +507,60 @@ def main(argv=None) -> dict:
     print(flush=True)
 
     algos = args.conv_algos
-    progress = common.Progress(total=(len(algos) + (1 + len(algos)) * args.rounds) * len(configs),
+    keeps = {"default": [False], "keep": [True], "both": [False, True]}[args.host_memory]
+    labels = [(a, k) for k in keeps for a in algos]
+    progress = common.Progress(total=(len(labels) + (len(keeps) + len(labels)) * args.rounds) * len(configs),
                                desc="train_speed", enabled=not args.no_progress)
     results = []
     for base in configs:
-        variants = {algo: with_algo(base, algo) for algo in algos}
+        variants = {(a, k): with_algo(base, a, k) for a, k in labels}
+        torch_variants = {k: dict(base, keep_freed_memory=k) for k in keeps}
         checks = {}
-        for algo, config in variants.items():
-            progress.step(f"{config['key']} [{algo}]: checking the losses agree")
+        for label, config in variants.items():
+            progress.step(f"{config['name']}: checking the losses agree")
             try:
-                checks[algo] = check_first_step(config, args.device, tol, args.seed, args.grad_tol)
+                checks[label] = check_first_step(config, args.device, tol, args.seed, args.grad_tol)
             except common.MismatchError as e:
                 progress.close()
                 raise SystemExit(f"check failed, nothing timed: {e}")
         gc.collect()
-        runs = {algo: [] for algo in algos}
-        torch_runs = []
-        for i in range(args.rounds):   # each engine, then torch: alternating, in the same run
-            for fw, config, into in [("minivgg", variants[a], runs[a]) for a in algos] + [("torch", base, torch_runs)]:
+        runs = {label: [] for label in labels}
+        torch_runs = {k: [] for k in keeps}
+        for i in range(args.rounds):   # each engine, then torch (per host-memory mode): alternating, in one run
+            jobs = [("minivgg", variants[label], runs[label]) for label in labels]
+            jobs += [("torch", torch_variants[k], torch_runs[k]) for k in keeps]
+            for fw, config, into in jobs:
                 progress.step(f"{config['key']}: round {i + 1}/{args.rounds}, timing {fw} "
                               f"{'[' + config.get('conv_algo', '') + '] ' if fw == 'minivgg' else ''}"
+                              f"{'[keep-memory] ' if config['keep_freed_memory'] else ''}"
                               f"({args.warmup}+{args.steps} steps, subprocess)")
                 into.append(run_isolated(framework=fw, config=config, device=args.device, steps=args.steps,
                                          warmup=args.warmup, seed=args.seed, threads=args.threads,
                                          tf32=args.tf32))
-        torch_pooled = pool_rounds(torch_runs)
-        for algo in algos:
-            results.append(summarize(variants[algo], checks[algo], pool_rounds(runs[algo]), torch_pooled))
+        torch_pooled = {k: pool_rounds(torch_runs[k]) for k in keeps}
+        for a, k in labels:
+            results.append(summarize(variants[(a, k)], checks[(a, k)], pool_rounds(runs[(a, k)]),
+                                     torch_pooled[k]))
     progress.close()
     print(format_report(results, args.device))
-    if len(algos) > 1:
-        first = {r["key"]: r for r in results if r["model"] and r.get("conv_algo", algos[0]) == algos[0]}
+    if len(labels) > 1:   # every variant against the first (first engine, glibc's default memory if run)
+        first = {r["key"]: r for r in results
+                 if (r["conv_algo"], r["keep_freed_memory"]) == labels[0]}
         for r in results:
-            if r.get("conv_algo", algos[0]) != algos[0]:
-                speedup = r["minivgg"]["images_per_second"] / first[r["key"]]["minivgg"]["images_per_second"]
-                print(f"{r['name']}: {speedup:.2f}x the images/s of {algos[0]} (same run)")
+            if (r["conv_algo"], r["keep_freed_memory"]) != labels[0]:
+                base_row = first[r["key"]]
+                speedup = r["minivgg"]["images_per_second"] / base_row["minivgg"]["images_per_second"]
+                print(f"{r['name']}: {speedup:.2f}x the images/s of {base_row['name']} (same run)")
+    if len(keeps) == 2:   # the setting moves memory, not numbers: the same losses, bit for bit
+        by = {(r["key"], r["conv_algo"], r["keep_freed_memory"]): r for r in results}
+        for (key, algo, keep), r in by.items():
+            if keep:
+                same = by[(key, algo, False)]["minivgg"]["losses"] == r["minivgg"]["losses"]
+                print(f"{r['name']}: {'the same' if same else 'NOT the same'} {len(r['minivgg']['losses'])} "
+                      f"losses as with glibc's default, bit for bit")
 
     payload = {"benchmark": "train_speed", "device": args.device, "dtype": "float32", "steps": args.steps,
-               "rounds": args.rounds, "conv_algos": algos,
+               "rounds": args.rounds, "conv_algos": algos, "host_memory": args.host_memory,
                "warmup": args.warmup, "tolerance": tol, "tf32": tf32, "threads": args.threads,
                "threads_note": threads_note, "optimizer": {"name": "Adam", "lr": LR},
                "memory_method": MEMORY_METHOD[args.device], "machine": info, "results": results}
