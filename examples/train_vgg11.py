@@ -115,10 +115,12 @@ OPTIONS = [
     Option("pool_size", 1, int, "the classic head pools the last feature map to PxP (7 as torchvision at "
            "224x224; 1 suits 32x32 inputs, whose last map is 1x1)", FIXED, metavar="P"),
     Option("dropout", 0.0, float, "dropout after each hidden Linear", FIXED),
-    Option("conv_algo", "im2col-fast", str, "how the convolutions are computed (the same results, to rounding): "
+    Option("conv_algo", None, str, "how the convolutions are computed (the same results, to rounding): "
            "im2col-fast (im2col + GEMM, tuned), winograd2 / winograd4 (Winograd's F(2x2,3x3) / F(4x4,3x3)), "
            "auto (one of those per layer by a rule from its shapes), im2col (the textbook); a resumed run may "
-           "switch", MAY_CHANGE, choices=tuple(sorted(CONV_ENGINES))),
+           "switch (default: auto on the CPU, where benchmarks/train_speed.py measures it faster; im2col-fast "
+           "on a GPU, where Winograd's speed is not measured yet)", MAY_CHANGE,
+           choices=tuple(sorted(CONV_ENGINES))),
     Option("init", "xavier", str, "weight init: kaiming (torchvision's) or xavier (d2l's)", FIXED,
            choices=("kaiming", "xavier")),
     Option("pretrained", None, str, "start from ImageNet VGG weights (torchvision's .pth, or .safetensors in "
@@ -230,7 +232,9 @@ class UsageError(Exception):
 
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    def _get_help_string(self, action):
+        """An option whose help already says its default (one that depends on others) says it once."""
+        return action.help if "(default:" in (action.help or "") else super()._get_help_string(action)
 
 
 def make_parser(suppress: bool = False) -> argparse.ArgumentParser:
@@ -256,7 +260,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     merged = option_table.resolve(OPTIONS, given, saved, PRESETS.get(args.preset), same=_same)
     merged["given"] = sorted(chosen)         # options typed, or recorded by the resumed run
     merged["hidden"] = _same("hidden", merged["hidden"])
+    if merged["conv_algo"] is None:          # not typed, not in a preset or the resumed checkpoint
+        merged["conv_algo"] = default_conv_algo(merged["device"])
     return argparse.Namespace(**merged)
+
+
+def default_conv_algo(device: str) -> str:
+    """auto on the CPU (Winograd where a layer gains: VGG-11's training step 1.3-1.5x faster on the
+    machines measured, docs/benchmarks/winograd.md); im2col-fast on a GPU until Winograd is timed there."""
+    return "auto" if device == "cpu" else "im2col-fast"
 
 
 RESTORED = option_table.names(OPTIONS, FIXED) + option_table.names(OPTIONS, MAY_CHANGE)   # taken from a checkpoint

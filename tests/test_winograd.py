@@ -252,7 +252,15 @@ def test_train_vgg11_conv_algo_flag():
     spec = importlib.util.spec_from_file_location("train_vgg11_for_winograd", path)
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    assert cli.parse_args([]).conv_algo == "im2col-fast"
+    # the default depends on the device (Winograd is measured faster on the CPU only); a typed flag, a
+    # preset and a resumed run's own choice are kept
+    assert cli.parse_args([]).conv_algo == "auto"
+    assert cli.parse_args(["--preset", "d2l"]).conv_algo == "auto"
+    assert cli.parse_args(["--device", "gpu"]).conv_algo == "im2col-fast"
+    assert cli.parse_args(["--device", "gpu", "--conv-algo", "winograd4"]).conv_algo == "winograd4"
+    cli._SAVED["started-before.npz"] = {"args": {"conv_algo": "im2col-fast"}}   # as saved_extra reads it
+    assert cli.parse_args(["--resume", "started-before.npz"]).conv_algo == "im2col-fast"
+    assert cli.parse_args(["--resume", "started-before.npz", "--conv-algo", "winograd2"]).conv_algo == "winograd2"
     args = cli.parse_args(["--conv-algo", "auto"])
     model = cli.make_model(args, 10, 1)
     assert all(type(m) is AutoConv2d for _, m in model.modules() if isinstance(m, Conv2d))
