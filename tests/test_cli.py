@@ -152,6 +152,12 @@ def load_cli_module():
     return module
 
 
+def test_the_training_command_keeps_freed_memory_unless_told_not_to():
+    cli_module = load_cli_module()
+    assert cli_module.parse_args([]).keep_freed_memory is True
+    assert cli_module.parse_args(["--no-keep-freed-memory"]).keep_freed_memory is False
+
+
 def test_option_precedence_defaults_preset_flags():
     cli_module = load_cli_module()
     args = cli_module.parse_args([])

@@ -80,12 +80,3 @@ def test_keep_freed_memory_serves_from_the_heap_and_keeps_it():
 def test_not_glibc_changes_nothing(monkeypatch):
     monkeypatch.setattr(hostmem.platform, "libc_ver", lambda: ("", ""))
     assert hostmem.keep_freed_memory() is False
-
-
-def test_the_training_command_keeps_freed_memory_unless_told_not_to():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("train_vgg11_cli", ROOT / "examples" / "train_vgg11.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    assert cli.parse_args([]).keep_freed_memory is True
-    assert cli.parse_args(["--no-keep-freed-memory"]).keep_freed_memory is False
